@@ -1,0 +1,1 @@
+"""Runtime: local and torch.distributed executors, p2p, eager gradient sync, launch."""

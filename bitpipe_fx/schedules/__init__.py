@@ -1,0 +1,20 @@
+"""Schedule layer: IR, one generator module per family, validation. Pure Python, never imports torch."""
+
+from bitpipe_fx.schedules.comm import Comm, Message, consumed_message, lower, messages, produced_message
+from bitpipe_fx.schedules.ir import Action, Placement, Program
+from bitpipe_fx.schedules.registry import SCHEDULES, generate, register
+
+__all__ = [
+    "SCHEDULES",
+    "Action",
+    "Comm",
+    "Message",
+    "Placement",
+    "Program",
+    "consumed_message",
+    "generate",
+    "lower",
+    "messages",
+    "produced_message",
+    "register",
+]

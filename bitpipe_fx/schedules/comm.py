@@ -1,0 +1,104 @@
+"""Derive point-to-point communication from a program and its placement.
+
+This is the one function pair that both the simulator and the runtime use, so what is
+simulated is what runs. A value crosses devices only when producer and consumer chunks
+sit on different devices; a V turn (stage D-1 -> D on one device) is a local hand-off.
+
+- activation of (pipe, stage, mb): produced by F(pipe, stage, mb), consumed by F(pipe, stage+1, mb)
+- gradient of (pipe, stage, mb): produced by B or I(pipe, stage, mb), consumed by
+  B or I(pipe, stage-1, mb)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bitpipe_fx.schedules.ir import Action, Program
+
+
+@dataclass(frozen=True, order=True)
+class Message:
+    """One tensor bundle sent from ``src`` to ``dst``.
+
+    ``kind`` is "act" (forward output of ``stage``) or "grad" (input gradient of ``stage``).
+    """
+
+    kind: str
+    pipe: int
+    stage: int
+    microbatch: int
+    src: int
+    dst: int
+
+    def __str__(self) -> str:
+        return f"{self.kind}{self.pipe}.{self.stage}.{self.microbatch}:{self.src}->{self.dst}"
+
+
+@dataclass(frozen=True)
+class Comm:
+    """A SEND or RECV of one message, as it appears in a lowered device program."""
+
+    op: str  # "SEND" | "RECV"
+    message: Message
+
+    def __str__(self) -> str:
+        return f"{self.op}({self.message})"
+
+
+Op = Action | Comm
+
+
+def produced_message(program: Program, action: Action) -> Message | None:
+    """The cross-device message ``action`` produces, or None (last stage, first stage, local)."""
+    place = program.placement
+    src = place.device(action.pipe, action.stage)
+    if action.kind == "F" and action.stage + 1 < program.stages:
+        dst = place.device(action.pipe, action.stage + 1)
+        kind = "act"
+    elif action.kind in ("B", "I") and action.stage > 0:
+        dst = place.device(action.pipe, action.stage - 1)
+        kind = "grad"
+    else:
+        return None
+    if dst == src:
+        return None
+    return Message(kind, action.pipe, action.stage, action.microbatch, src, dst)
+
+
+def consumed_message(program: Program, action: Action) -> Message | None:
+    """The cross-device message ``action`` must receive before it runs, or None."""
+    place = program.placement
+    dst = place.device(action.pipe, action.stage)
+    if action.kind == "F" and action.stage > 0:
+        src_stage, kind = action.stage - 1, "act"
+    elif action.kind in ("B", "I") and action.stage + 1 < program.stages:
+        src_stage, kind = action.stage + 1, "grad"
+    else:
+        return None
+    src = place.device(action.pipe, src_stage)
+    if src == dst:
+        return None
+    return Message(kind, action.pipe, src_stage, action.microbatch, src, dst)
+
+
+def lower(program: Program) -> tuple[tuple[Op, ...], ...]:
+    """Per-device op lists: each RECV right before its consumer, each SEND right after its producer.
+
+    The runtime may post receives earlier (it does); the order of sends per device is this one.
+    """
+    out = []
+    for acts in program.device_actions:
+        ops: list[Op] = []
+        for a in acts:
+            if (m := consumed_message(program, a)) is not None:
+                ops.append(Comm("RECV", m))
+            ops.append(a)
+            if (m := produced_message(program, a)) is not None:
+                ops.append(Comm("SEND", m))
+        out.append(tuple(ops))
+    return tuple(out)
+
+
+def messages(program: Program) -> tuple[Message, ...]:
+    """Every cross-device message of the program, in per-device send order, device-major."""
+    return tuple(op.message for ops in lower(program) for op in ops if isinstance(op, Comm) and op.op == "SEND")
