@@ -1,0 +1,1 @@
+"""Example models and training script (installed as bitpipe_fx.examples)."""

@@ -1,0 +1,45 @@
+"""The contract between the passes and the runtime: a model cut into runnable stage modules.
+
+Stage k is an ``nn.Module`` whose ``forward(*model_inputs_k, *inputs_k)`` returns a tuple with one
+tensor per name in ``outputs_k``. Values that skip over stages are carried through the stages in
+between (they appear in those stages' inputs and outputs); model inputs (tokens, attention masks,
+position ids) are read directly by every stage that needs them, since every rank has the batch.
+Parameter and buffer names of every stage module are the original model's FQNs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What stage ``index`` reads, receives, sends and holds."""
+
+    index: int
+    model_inputs: tuple[str, ...]  # flat model inputs it reads from the batch, in call order
+    inputs: tuple[str, ...]  # values received from stage index-1 (empty for stage 0)
+    outputs: tuple[str, ...]  # values sent to stage index+1; for the last stage, the model's flat outputs
+    params: tuple[str, ...]  # original FQNs of the parameters it holds
+    buffers: tuple[str, ...] = ()
+
+
+@dataclass
+class SplitModel:
+    """S runnable stages plus what is needed to feed the first and read the last."""
+
+    stages: list[nn.Module]
+    specs: tuple[StageSpec, ...]
+    input_names: tuple[str, ...]  # the flat model inputs, in order
+    flatten_inputs: Callable[[tuple, dict], list[torch.Tensor]]  # (args, kwargs) -> tensors in input_names order
+    unflatten_output: Callable[[Sequence[torch.Tensor]], Any]  # last stage's outputs -> the model's output
+    shared: dict[str, tuple[int, ...]] = field(default_factory=dict)  # FQN -> stages holding a copy (tied params)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
