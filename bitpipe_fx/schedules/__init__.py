@@ -3,6 +3,10 @@
 from bitpipe_fx.schedules.comm import Comm, Message, consumed_message, lower, messages, produced_message
 from bitpipe_fx.schedules.ir import Action, Placement, Program
 from bitpipe_fx.schedules.registry import SCHEDULES, generate, register
+from bitpipe_fx.schedules.validate import validate
+
+# generator modules register themselves on import
+from bitpipe_fx.schedules import gpipe, one_f_one_b  # noqa: F401  isort: skip
 
 __all__ = [
     "SCHEDULES",
@@ -17,4 +21,5 @@ __all__ = [
     "messages",
     "produced_message",
     "register",
+    "validate",
 ]
