@@ -155,6 +155,14 @@ def simulate(program: Program, cost: CostModel | None = None) -> SimReport:
     act_bytes = cost.per_stage("activation_bytes", S)
     param_bytes = cost.per_stage("param_bytes", S)
     durations = {k: tuple(cost.compute_time(k, s, S) for s in range(S)) for k in COMPUTE_KINDS}
+    for d, acts in enumerate(program.device_actions):
+        for a in acts:
+            if not (0 <= a.pipe < program.pipes and 0 <= a.stage < S):
+                raise ScheduleError(f"{a} on device {d} names chunk ({a.pipe}, {a.stage}), which the placement "
+                                    f"lacks ({program.pipes} pipes x {S} stages)")
+            if (owner := place.device(a.pipe, a.stage)) != d:
+                raise ScheduleError(f"{a} is on device {d} but the placement puts ({a.pipe}, {a.stage}) on "
+                                    f"device {owner}; move it there")
     ops = lower(program)
 
     ready: dict[Key, float] = {}
@@ -193,9 +201,9 @@ def simulate(program: Program, cost: CostModel | None = None) -> SimReport:
                     break
                 clock[d] = max(clock[d], ready[op.message])
             elif op.kind == "SYNC":
-                _issue_sync(program, d, op, clock[d], sync_issued, ready)
+                _issue_sync(d, op, clock[d], sync_issued)
             else:
-                _check_compute(program, d, op, ready, sync_issued)
+                _check_compute(d, op, ready, sync_issued)
                 needs = _needs(program, op)
                 missing = next((k for k in needs if k not in ready), None)
                 if missing is not None:
@@ -258,11 +266,8 @@ def simulate(program: Program, cost: CostModel | None = None) -> SimReport:
     )
 
 
-def _check_compute(program: Program, d: int, op: Action, ready: dict, sync_issued: dict) -> None:
-    """Refuse an action on the wrong device, run twice, or after its chunk's SYNC."""
-    owner = program.placement.device(op.pipe, op.stage)
-    if owner != d:
-        raise ScheduleError(f"{op} is on device {d} but the placement puts ({op.pipe}, {op.stage}) on device {owner}")
+def _check_compute(d: int, op: Action, ready: dict, sync_issued: dict) -> None:
+    """Refuse an action that repeats work or runs after its chunk's SYNC."""
     for key in _produces(op):
         if key in ready:
             raise ScheduleError(f"{op} on device {d} repeats work already done ({_describe(key)}); "
@@ -272,10 +277,7 @@ def _check_compute(program: Program, d: int, op: Action, ready: dict, sync_issue
                             "move the SYNC after the chunk's last backward")
 
 
-def _issue_sync(program: Program, d: int, op: Action, t: float, sync_issued: dict, ready: dict) -> None:
-    owner = program.placement.device(op.pipe, op.stage)
-    if owner != d:
-        raise ScheduleError(f"{op} is on device {d} but the placement puts ({op.pipe}, {op.stage}) on device {owner}")
+def _issue_sync(d: int, op: Action, t: float, sync_issued: dict) -> None:
     if op.chunk in sync_issued:
         raise ScheduleError(f"{op} appears twice on device {d}; each chunk has exactly one SYNC")
     sync_issued[op.chunk] = (d, t)
@@ -305,6 +307,7 @@ def _deadlock_message(program: Program, ops, pos: list[int], blocked_on: dict[in
         op = ops[d][pos[d]]
         if isinstance(op, Comm):  # a RECV: name the action it feeds
             op = ops[d][pos[d] + 1]
-        lines.append(f"device {d} stuck at step {pos[d]} ({op}) waiting for {_describe(blocked_on[d])}")
+        step = sum(1 for o in ops[d][: pos[d]] if isinstance(o, Action))  # index in the device's action list
+        lines.append(f"device {d} stuck at step {step} ({op}) waiting for {_describe(blocked_on[d])}")
     return (f"program {program.name!r} deadlocks: " + "; ".join(lines)
             + ". Reorder the actions so that every producer runs before its consumer waits")
