@@ -38,19 +38,16 @@ def _draw(ax, events: Sequence[TraceEvent], title: str, unit: str, end: float | 
     devices = sorted({e.device for e in events})
     row = {d: i for i, d in enumerate(devices)}
     end = end or max((e.end for e in events), default=1.0) or 1.0
-    groups: dict[tuple[str, int], list[TraceEvent]] = defaultdict(list)
-    for e in events:
-        if e.kind not in ("SEND", "RECV") and e.duration > 0:
-            groups[(e.kind, max(e.pipe, 0))].append(e)
-    for (kind, pipe), evs in groups.items():
+    shown = [e for e in events if e.kind not in ("SEND", "RECV") and e.duration > 0]
+    band = {e: (row[e.device] - 0.4, 0.72) for e in shown if e.kind != "SYNC"}
+    band.update(_strip_lanes([e for e in shown if e.kind == "SYNC"], row))
+    groups: dict[tuple[str, int, float, float], list[tuple[float, float]]] = defaultdict(list)
+    for e in shown:
+        groups[(e.kind, max(e.pipe, 0), *band[e])].append((e.start, e.duration))
+    for (kind, pipe, y, height), spans in groups.items():
         colour = COLOURS.get(kind, OTHER_COLOUR)
-        face = _lighter(colour) if pipe else colour
-        strip = kind == "SYNC"
-        for d in {e.device for e in evs}:
-            spans = [(e.start, e.duration) for e in evs if e.device == d]
-            y = row[d] + (0.34 if strip else -0.4)
-            ax.broken_barh(spans, (y, 0.16 if strip else 0.72), facecolors=face, edgecolor="black",
-                           linewidth=0.3, hatch="///" if pipe else None)
+        ax.broken_barh(spans, (y, height), facecolors=_lighter(colour) if pipe else colour, edgecolor="black",
+                       linewidth=0.3, hatch="//" if pipe else None)
     _label_boxes(ax, events, row, end)
     ax.set_xlim(0, end)
     ax.set_ylim(len(devices) - 0.45, -0.55)
@@ -58,7 +55,22 @@ def _draw(ax, events: Sequence[TraceEvent], title: str, unit: str, end: float | 
     ax.set_xlabel(f"time ({unit})")
     ax.set_title(title, fontsize=10, loc="left")
     ax.grid(axis="x", linewidth=0.3, alpha=0.5)
-    return set(groups)
+    return {(kind, pipe) for kind, pipe, _, _ in groups}
+
+
+def _strip_lanes(events: Sequence[TraceEvent], row: dict[int, int]) -> dict[TraceEvent, tuple[float, float]]:
+    """(y, height) of each all-reduce in the thin strip under its device row; overlapping ones get own lanes."""
+    out = {}
+    for d in {e.device for e in events}:
+        lanes: list[float] = []  # end time of the last interval in each lane
+        lane_of = {}
+        for e in sorted((e for e in events if e.device == d), key=lambda e: (e.start, e.end)):
+            k = next((i for i, busy_until in enumerate(lanes) if busy_until <= e.start), len(lanes))
+            lanes[k:k + 1] = [e.end]
+            lane_of[e] = k
+        height = 0.16 / len(lanes)
+        out.update({e: (row[d] + 0.34 + k * height, height) for e, k in lane_of.items()})
+    return out
 
 
 def _label_boxes(ax, events: Sequence[TraceEvent], row: dict[int, int], end: float) -> None:
@@ -83,7 +95,7 @@ def _legend(fig, used: set[tuple[str, int]]) -> None:
         colour = COLOURS.get(kind, OTHER_COLOUR)
         label = LABELS.get(kind, kind) + (f" (pipe {pipe})" if any(p for _, p in used) else "")
         handles.append(Patch(facecolor=_lighter(colour) if pipe else colour, edgecolor="black", linewidth=0.3,
-                             hatch="///" if pipe else None, label=label))
+                             hatch="//" if pipe else None, label=label))
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=7, frameon=False)
 
 
@@ -114,6 +126,7 @@ def gantt_compare(a_events: SimReport | Iterable[TraceEvent], b_events: SimRepor
 
 
 def _figure(panels: Sequence[tuple[str, list[TraceEvent], str]], path: Path, share_x: bool) -> Path:
+    from matplotlib import rc_context
     from matplotlib.figure import Figure
 
     if not panels:
@@ -128,5 +141,6 @@ def _figure(panels: Sequence[tuple[str, list[TraceEvent], str]], path: Path, sha
     for ax, (title, evs, unit) in zip(axes, panels):
         used |= _draw(ax, evs, title, unit, end if share_x else None)
     _legend(fig, used)
-    fig.savefig(path)
+    with rc_context({"hatch.linewidth": 0.4}):
+        fig.savefig(path)
     return path
