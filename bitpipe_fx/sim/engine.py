@@ -168,7 +168,7 @@ def simulate(program: Program, cost: CostModel | None = None) -> SimReport:
     ready: dict[Key, float] = {}
     waiters: dict[Key, list[int]] = defaultdict(list)
     blocked_on: dict[int, Key] = {}
-    pos, clock, busy = [0] * D, [0.0] * D, [0.0] * D
+    pos, clock, busy, compute_end = [0] * D, [0.0] * D, [0.0] * D, [0.0] * D
     held, peak, held_bytes, peak_bytes = [0] * D, [0] * D, [0.0] * D, [0.0] * D
     sync_issued: dict[tuple[int, int], tuple[int, float]] = {}
     events: list[TraceEvent] = []
@@ -212,7 +212,7 @@ def simulate(program: Program, cost: CostModel | None = None) -> SimReport:
                     break
                 start = max([clock[d], *(ready[k] for k in needs)])
                 end = start + durations[op.kind][op.stage]
-                clock[d] = end
+                clock[d] = compute_end[d] = end
                 busy[d] += end - start
                 events.append(TraceEvent(d, str(op), op.kind, op.pipe, op.stage, op.microbatch, start, end))
                 if op.kind == "F":
@@ -230,8 +230,6 @@ def simulate(program: Program, cost: CostModel | None = None) -> SimReport:
     if any(pos[d] < len(ops[d]) for d in range(D)):
         raise ScheduleError(_deadlock_message(program, ops, pos, blocked_on))
 
-    compute_end = tuple(max((e.end for e in events if e.device == d and e.kind in COMPUTE_KINDS), default=0.0)
-                        for d in range(D))
     step_end = list(compute_end)
     for stage, (start, devices) in _allreduce_starts(program, sync_issued).items():
         n = len(devices) * cost.data_parallel
@@ -253,7 +251,7 @@ def simulate(program: Program, cost: CostModel | None = None) -> SimReport:
         microbatches=program.microbatches,
         makespan=max(step_end, default=0.0),
         busy_times=tuple(busy),
-        compute_end=compute_end,
+        compute_end=tuple(compute_end),
         step_end=tuple(step_end),
         peak_activation_units=tuple(peak),
         peak_activation_byte_counts=tuple(peak_bytes),
