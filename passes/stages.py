@@ -39,6 +39,7 @@ class SplitModel:
     flatten_inputs: Callable[[tuple, dict], list[torch.Tensor]]  # (args, kwargs) -> tensors in input_names order
     unflatten_output: Callable[[Sequence[torch.Tensor]], Any]  # last stage's outputs -> the model's output
     shared: dict[str, tuple[int, ...]] = field(default_factory=dict)  # FQN -> stages holding a copy (tied params)
+    unused: tuple[str, ...] = ()  # parameters of the model that no stage reads (they get no gradient)
 
     @property
     def num_stages(self) -> int:
