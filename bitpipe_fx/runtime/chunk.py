@@ -1,0 +1,189 @@
+"""One device's copy of a stage (module + flat gradient buffer) and the chunks that run it.
+
+A ``StageReplica`` owns a private module copy whose parameters' ``.grad`` are views into one flat buffer per
+dtype: autograd accumulates in place into it, and the replica all-reduce is one collective with no copy.
+A ``Chunk`` is one (pipe, stage) of the program; it runs F, B, I and W for micro-batches and keeps what a
+backward needs (received leaves, outputs or loss, output grads between I and W) until that backward ends.
+Two chunks of one stage on one device share the replica, so their gradients sum in the buffer.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from bitpipe_fx.errors import PipelineRuntimeError
+from bitpipe_fx.passes.stages import SplitModel, StageSpec
+from bitpipe_fx.schedules.ir import Placement
+
+
+def is_floating(t: torch.Tensor) -> bool:
+    return t.is_floating_point() or t.is_complex()
+
+
+class StageReplica:
+    """A private module copy of one stage on one device, with flat gradient buffers."""
+
+    def __init__(self, stage: int, module: nn.Module) -> None:
+        self.stage = stage
+        self.module = module
+        self.params: dict[str, nn.Parameter] = dict(module.named_parameters())
+        self.trainable = [p for p in self.params.values() if p.requires_grad]
+        self.flat_grads: list[torch.Tensor] = []
+        groups: dict[tuple[torch.dtype, torch.device], list[nn.Parameter]] = {}
+        for p in self.trainable:
+            groups.setdefault((p.dtype, p.device), []).append(p)
+        for (dtype, device), params in groups.items():
+            flat = torch.zeros(sum(p.numel() for p in params), dtype=dtype, device=device)
+            offset = 0
+            for p in params:
+                p.grad = flat[offset : offset + p.numel()].view_as(p)
+                offset += p.numel()
+            self.flat_grads.append(flat)
+
+    def zero_grad(self) -> None:
+        for flat in self.flat_grads:
+            flat.zero_()
+
+    def check_grads_attached(self) -> None:
+        """Refuse to run when something replaced a parameter's .grad (e.g. optimizer.zero_grad(set_to_none))."""
+        for name, p in self.params.items():
+            if p.requires_grad and (p.grad is None or not _is_view_of(p.grad, self.flat_grads)):
+                raise PipelineRuntimeError(
+                    f"gradient of {name!r} (stage {self.stage}) is no longer a view of the stage's flat gradient "
+                    "buffer; do not call optimizer.zero_grad() or assign .grad yourself, the pipeline zeroes "
+                    "gradients after each step"
+                )
+
+
+def _is_view_of(t: torch.Tensor, flats: Sequence[torch.Tensor]) -> bool:
+    return any(t.untyped_storage().data_ptr() == f.untyped_storage().data_ptr() for f in flats)
+
+
+@dataclass
+class _Saved:
+    """What one micro-batch's backward needs."""
+
+    leaves: list[torch.Tensor]  # received floating values, as leaves requiring grad
+    roots: list[torch.Tensor]  # outputs (or [loss]) that require grad
+    root_index: list[int]  # index among the floating outputs of each root (gradient to use)
+    out_grads: list[torch.Tensor] | None = None  # kept between I and W
+    params: list[nn.Parameter] = field(default_factory=list)
+
+
+class Chunk:
+    """(pipe, stage) on one device: runs F/B/I/W on the shared replica for each micro-batch."""
+
+    def __init__(
+        self,
+        pipe: int,
+        stage: int,
+        replica: StageReplica,
+        spec: StageSpec,
+        last: bool,
+        loss_fn: Callable[[Any, Any], torch.Tensor],
+        unflatten_output: Callable[[Sequence[torch.Tensor]], Any],
+    ) -> None:
+        self.pipe, self.stage, self.replica, self.spec, self.last = pipe, stage, replica, spec, last
+        self.loss_fn, self.unflatten_output = loss_fn, unflatten_output
+        self.saved: dict[int, _Saved] = {}
+
+    # ---- forward --------------------------------------------------------------------------------
+
+    def forward(
+        self, m: int, model_inputs: Sequence[torch.Tensor], received: Sequence[torch.Tensor], target: Any,
+        scale: float, train: bool,
+    ) -> tuple[torch.Tensor, ...] | torch.Tensor:
+        """Run the stage on micro-batch m; returns its outputs, or the scaled loss on the last stage."""
+        if not train:
+            with torch.no_grad():
+                out = self._call(model_inputs, received)
+                return self._loss(out, target, scale) if self.last else out
+        leaves = [t.detach().requires_grad_(True) if is_floating(t) else t for t in received]
+        with torch.enable_grad():
+            out = self._call(model_inputs, leaves)
+            if self.last:
+                loss = self._loss(out, target, scale)
+                roots, index = ([loss], [0]) if loss.requires_grad else ([], [])
+                result: tuple[torch.Tensor, ...] | torch.Tensor = loss
+            else:
+                floats = [t for t in out if is_floating(t)]
+                index = [i for i, t in enumerate(floats) if t.requires_grad]
+                roots = [floats[i] for i in index]
+                result = tuple(t.detach() for t in out)
+        self.saved[m] = _Saved([t for t in leaves if is_floating(t)], roots, index)
+        return result
+
+    def _call(self, model_inputs: Sequence[torch.Tensor], received: Sequence[torch.Tensor]) -> tuple:
+        out = self.replica.module(*model_inputs, *received)
+        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+    def _loss(self, out: tuple, target: Any, scale: float) -> torch.Tensor:
+        loss = self.loss_fn(self.unflatten_output(out), target)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise PipelineRuntimeError(
+                f"loss_fn must return a scalar tensor, got {type(loss).__name__}"
+                + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else "")
+                + "; reduce the loss (e.g. mean) over the micro-batch"
+            )
+        return loss.reshape(()) * scale
+
+    # ---- backward -------------------------------------------------------------------------------
+
+    def backward(self, m: int, out_grads: Sequence[torch.Tensor] | None) -> list[torch.Tensor]:
+        """Full backward: weight grads into the flat buffer, returns the input grads (floating inputs)."""
+        saved = self.saved.pop(m)
+        if saved.roots:
+            torch.autograd.backward(saved.roots, self._root_grads(saved, out_grads))
+        return [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in saved.leaves]
+
+    def backward_input(self, m: int, out_grads: Sequence[torch.Tensor] | None) -> list[torch.Tensor]:
+        """Input-gradient half (I): keeps the graph and the output grads for W."""
+        saved = self.saved[m]
+        saved.out_grads = list(out_grads) if out_grads is not None else None
+        wanted = [leaf for leaf in saved.leaves if leaf.requires_grad]
+        if not saved.roots or not wanted:
+            return [torch.zeros_like(leaf) for leaf in saved.leaves]
+        grads = torch.autograd.grad(
+            saved.roots, wanted, self._root_grads(saved, out_grads), retain_graph=True, allow_unused=True
+        )
+        return [g if g is not None else torch.zeros_like(leaf) for g, leaf in zip(grads, saved.leaves)]
+
+    def backward_weight(self, m: int) -> None:
+        """Weight-gradient half (W): accumulates parameter grads into the flat buffer and frees the graph."""
+        saved = self.saved.pop(m)
+        params = self.replica.trainable
+        if saved.roots and params:
+            torch.autograd.backward(saved.roots, self._root_grads(saved, saved.out_grads), inputs=params)
+
+    def _root_grads(self, saved: _Saved, out_grads: Sequence[torch.Tensor] | None) -> list[torch.Tensor] | None:
+        if self.last:
+            return None
+        if out_grads is None:
+            raise PipelineRuntimeError(f"backward of stage {self.stage} got no output gradients")
+        return [out_grads[i] for i in saved.root_index]
+
+    def pending(self) -> list[int]:
+        """Micro-batches whose backward has not finished (should be empty after a step)."""
+        return sorted(self.saved)
+
+
+def build_device(
+    split: SplitModel, placement: Placement, device: int, loss_fn: Callable[[Any, Any], torch.Tensor]
+) -> tuple[dict[int, StageReplica], dict[tuple[int, int], Chunk]]:
+    """Private copies of the stages ``device`` holds (one per stage) and its chunks over them."""
+    replicas: dict[int, StageReplica] = {}
+    chunks: dict[tuple[int, int], Chunk] = {}
+    last = split.num_stages - 1
+    for pipe, stage in placement.chunks(device):
+        if stage not in replicas:
+            replicas[stage] = StageReplica(stage, copy.deepcopy(split.stages[stage]))
+        chunks[(pipe, stage)] = Chunk(
+            pipe, stage, replicas[stage], split.specs[stage], stage == last, loss_fn, split.unflatten_output
+        )
+    return replicas, chunks

@@ -1,0 +1,166 @@
+"""The one interpreter of a device's action list, shared by the local and the distributed executor.
+
+Cross-device values go through a ``Transport`` and only where ``schedules.comm`` derives a message; values
+whose producer and consumer chunk sit on the same device (V turns) are handed over directly.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Protocol
+
+import torch
+
+from bitpipe_fx.errors import PipelineRuntimeError
+from bitpipe_fx.runtime.batch import MicroBatch
+from bitpipe_fx.runtime.chunk import Chunk, StageReplica
+from bitpipe_fx.runtime.timeline import Recorder
+from bitpipe_fx.schedules.comm import Message, consumed_message, produced_message
+from bitpipe_fx.schedules.ir import Action, Program
+
+Key = tuple[str, int, int, int]  # ("act" | "grad", pipe, producing stage, micro-batch), like comm.Message
+
+
+class Transport(Protocol):
+    """Moves cross-device messages; ``ready`` says whether ``recv`` would return without waiting."""
+
+    def send(self, message: Message, tensors: list[torch.Tensor], action: Action) -> None: ...
+
+    def ready(self, message: Message) -> bool: ...
+
+    def recv(self, message: Message, action: Action) -> list[torch.Tensor]: ...
+
+
+def forward_only(program: Program) -> Program:
+    """The program's forwards in the same per-device order (evaluation): still deadlock-free."""
+    acts = tuple(tuple(a for a in row if a.kind == "F") for row in program.device_actions)
+    return Program(f"{program.name}-forward", program.placement, program.pipe_of, acts)
+
+
+def _input_key(program: Program, a: Action) -> Key | None:
+    if a.kind == "F" and a.stage > 0:
+        return ("act", a.pipe, a.stage - 1, a.microbatch)
+    if a.kind in ("B", "I") and a.stage + 1 < program.stages:
+        return ("grad", a.pipe, a.stage + 1, a.microbatch)
+    return None
+
+
+def _output_key(program: Program, a: Action) -> Key | None:
+    if a.kind == "F" and a.stage + 1 < program.stages:
+        return ("act", a.pipe, a.stage, a.microbatch)
+    if a.kind in ("B", "I") and a.stage > 0:
+        return ("grad", a.pipe, a.stage, a.microbatch)
+    return None
+
+
+class DeviceInterpreter:
+    """Runs one device's actions, one at a time, for one step."""
+
+    def __init__(
+        self,
+        device: int,
+        program: Program,
+        chunks: Mapping[tuple[int, int], Chunk],
+        transport: Transport,
+        on_sync: Callable[[StageReplica], None],
+    ) -> None:
+        self.device, self.program, self.chunks = device, program, chunks
+        self.transport, self.on_sync = transport, on_sync
+        self.actions = program.actions(device)
+        self._chunks_per_replica: dict[int, int] = {}
+        for c in chunks.values():
+            self._chunks_per_replica[id(c.replica)] = self._chunks_per_replica.get(id(c.replica), 0) + 1
+        self.pos = 0
+
+    def begin(self, batch: list[MicroBatch], scale: float, train: bool, recorder: Recorder) -> None:
+        """Reset for a step over ``batch``; the last stage's loss is multiplied by ``scale``."""
+        self.batch, self.scale, self.train, self.recorder = batch, scale, train, recorder
+        self.pos = 0
+        self.handoff: dict[Key, list[torch.Tensor]] = {}
+        self.losses: list[torch.Tensor] = []
+        self._synced: dict[int, int] = {}
+
+    def loss_sum(self) -> float:
+        """Sum of this device's scaled micro-batch losses (summed in float64)."""
+        return float(sum(loss.to(torch.float64) for loss in self.losses)) if self.losses else 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.pos >= len(self.actions)
+
+    @property
+    def next_action(self) -> Action:
+        return self.actions[self.pos]
+
+    def ready(self) -> bool:
+        """Whether the next action's inputs are here (local hand-off done, or message arrived)."""
+        a = self.next_action
+        msg = consumed_message(self.program, a)
+        if msg is not None:
+            return self.transport.ready(msg)
+        key = _input_key(self.program, a)
+        return key is None or key in self.handoff
+
+    def run_next(self) -> None:
+        """Execute the next action (blocking on its message in the distributed executor)."""
+        a = self.next_action
+        self.pos += 1
+        if a.kind == "SYNC":
+            self._sync(a)
+            return
+        chunk = self.chunks.get(a.chunk)
+        if chunk is None:
+            raise PipelineRuntimeError(f"device {self.device} runs {a} but does not hold chunk {a.chunk}")
+        received = self._receive(a)
+        start = time.perf_counter()
+        produced = self._compute(chunk, a, received)
+        self.recorder.action(a, start, time.perf_counter())
+        if produced is not None:
+            self._produce(a, produced)
+
+    def _receive(self, a: Action) -> list[torch.Tensor] | None:
+        msg = consumed_message(self.program, a)
+        if msg is not None:
+            return self.transport.recv(msg, a)
+        key = _input_key(self.program, a)
+        if key is None:
+            return None
+        if key not in self.handoff:
+            raise PipelineRuntimeError(
+                f"device {self.device} runs {a} before its local input {key} exists; the program orders a "
+                "chunk's consumer before its producer on the same device"
+            )
+        return self.handoff.pop(key)
+
+    def _compute(self, chunk: Chunk, a: Action, received: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
+        if a.kind == "F":
+            mb = self.batch[a.microbatch]
+            model_inputs = [mb.inputs[n] for n in chunk.spec.model_inputs]
+            out = chunk.forward(a.microbatch, model_inputs, received or [], mb.target, self.scale, self.train)
+            if chunk.last:
+                self.losses.append(out.detach())
+                return None
+            return list(out)
+        if a.kind == "B":
+            return chunk.backward(a.microbatch, received)
+        if a.kind == "I":
+            return chunk.backward_input(a.microbatch, received)
+        chunk.backward_weight(a.microbatch)
+        return None
+
+    def _produce(self, a: Action, tensors: list[torch.Tensor]) -> None:
+        msg = produced_message(self.program, a)
+        if msg is not None:
+            self.transport.send(msg, tensors, a)
+            return
+        key = _output_key(self.program, a)
+        if key is not None:
+            self.handoff[key] = tensors
+
+    def _sync(self, a: Action) -> None:
+        chunk = self.chunks[a.chunk]
+        rid = id(chunk.replica)
+        self._synced[rid] = self._synced.get(rid, 0) + 1
+        if self._synced[rid] == self._chunks_per_replica[rid]:
+            self.on_sync(chunk.replica)
