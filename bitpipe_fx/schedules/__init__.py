@@ -6,7 +6,16 @@ from bitpipe_fx.schedules.registry import SCHEDULES, generate, register
 from bitpipe_fx.schedules.validate import validate
 
 # generator modules register themselves on import
-from bitpipe_fx.schedules import bitpipe, bitpipe_paper, gpipe, one_f_one_b  # noqa: F401  isort: skip
+from bitpipe_fx.schedules import (  # noqa: F401  isort: skip
+    bitpipe,
+    bitpipe_paper,
+    chimera,
+    dualpipev,
+    gpipe,
+    interleaved,
+    one_f_one_b,
+    zbv,
+)
 
 __all__ = [
     "SCHEDULES",
