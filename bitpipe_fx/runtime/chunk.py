@@ -35,6 +35,7 @@ class StageReplica:
         self.params: dict[str, nn.Parameter] = dict(module.named_parameters())
         self.trainable = [p for p in self.params.values() if p.requires_grad]
         self.flat_grads: list[torch.Tensor] = []
+        self._views: list[tuple[nn.Parameter, torch.Tensor]] = []
         groups: dict[tuple[torch.dtype, torch.device], list[nn.Parameter]] = {}
         for p in self.trainable:
             groups.setdefault((p.dtype, p.device), []).append(p)
@@ -43,26 +44,17 @@ class StageReplica:
             offset = 0
             for p in params:
                 p.grad = flat[offset : offset + p.numel()].view_as(p)
+                self._views.append((p, p.grad))
                 offset += p.numel()
             self.flat_grads.append(flat)
 
     def zero_grad(self) -> None:
+        """Zero the flat buffers; re-attach a view that something replaced (e.g. zero_grad(set_to_none=True))."""
         for flat in self.flat_grads:
             flat.zero_()
-
-    def check_grads_attached(self) -> None:
-        """Refuse to run when something replaced a parameter's .grad (e.g. optimizer.zero_grad(set_to_none))."""
-        for name, p in self.params.items():
-            if p.requires_grad and (p.grad is None or not _is_view_of(p.grad, self.flat_grads)):
-                raise PipelineRuntimeError(
-                    f"gradient of {name!r} (stage {self.stage}) is no longer a view of the stage's flat gradient "
-                    "buffer; do not call optimizer.zero_grad() or assign .grad yourself, the pipeline zeroes "
-                    "gradients after each step"
-                )
-
-
-def _is_view_of(t: torch.Tensor, flats: Sequence[torch.Tensor]) -> bool:
-    return any(t.untyped_storage().data_ptr() == f.untyped_storage().data_ptr() for f in flats)
+        for p, view in self._views:
+            if p.grad is not view:
+                p.grad = view
 
 
 @dataclass

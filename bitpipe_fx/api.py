@@ -1,0 +1,265 @@
+"""``compile()``: model -> captured, partitioned, split, scheduled pipeline; ``CompiledPipeline`` runs it.
+
+With torch.distributed initialised (world size = devices x data_parallel; torchrun's environment is picked
+up automatically) each rank keeps only its stages; otherwise one process runs every device (local).
+``step(inputs, targets)`` splits the batch into N micro-batches, computes the gradient of the mean loss
+(the numerics contract of DESIGN.md), runs the optimizer once and zeroes the gradients.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from bitpipe_fx.errors import ConfigError
+from bitpipe_fx.passes.stages import SplitModel
+from bitpipe_fx.runtime.batch import BatchSplitter, as_call
+from bitpipe_fx.runtime.distributed import DistributedExecutor
+from bitpipe_fx.runtime.local import LocalExecutor
+from bitpipe_fx.runtime.specs import trace_boundaries
+from bitpipe_fx.runtime.state import load_model_state, load_optimizer_state, model_state, optimizer_state
+from bitpipe_fx.runtime.timeline import write_timeline
+from bitpipe_fx.schedules.ir import Program
+from bitpipe_fx.schedules.validate import validate
+from bitpipe_fx.sim.trace import TraceEvent
+
+OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+DEFAULT_TIMEOUT = 45.0
+
+
+def _distributed() -> bool:
+    """True when torch.distributed runs more than one process (initialising it from torchrun's env)."""
+    if not dist.is_available():
+        return False
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1 and "MASTER_ADDR" in os.environ:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(seconds=DEFAULT_TIMEOUT * 2))
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _state_names(model: nn.Module) -> tuple[list[str], dict[str, str]]:
+    """The model's state_dict keys in order, and key -> canonical FQN (first name of a tied tensor)."""
+    first: dict[int, str] = {}
+    canonical: dict[str, str] = {}
+    for named in (model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False)):
+        for name, t in named:
+            canonical[name] = first.setdefault(id(t), name)
+    keys = list(model.state_dict().keys())
+    return keys, {k: canonical.get(k, k) for k in keys}
+
+
+class CompiledPipeline:
+    """A model cut into stages and scheduled over devices; ``step`` trains it on one batch."""
+
+    def __init__(
+        self,
+        split: SplitModel,
+        program: Program,
+        loss_fn: Callable[[Any, Any], torch.Tensor],
+        example_inputs: Any,
+        *,
+        optimizer: OptimizerFactory | None = None,
+        data_parallel: int = 1,
+        plan: Any = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        trace_path: str | Path | None = None,
+        lookahead: int = 4,
+        state_names: tuple[list[str], dict[str, str]] | None = None,
+    ) -> None:
+        if program.stages != split.num_stages:
+            raise ConfigError(
+                f"program {program.name!r} has {program.stages} stages but the split model has {split.num_stages}; "
+                "split the model with the plan's partition"
+            )
+        if not isinstance(data_parallel, int) or data_parallel < 1:
+            raise ConfigError(f"data_parallel must be a positive integer, got {data_parallel!r}")
+        if optimizer is not None and (isinstance(optimizer, torch.optim.Optimizer) or not callable(optimizer)):
+            raise ConfigError(
+                f"optimizer must be a factory called with the local parameters, e.g. "
+                f"lambda params: torch.optim.AdamW(params, lr=1e-3); got {type(optimizer).__name__}"
+            )
+        validate(program)
+        self.program, self.plan, self.loss_fn = program, plan, loss_fn
+        self.data_parallel, self.timeout, self.trace_path = data_parallel, timeout, trace_path
+        args, kwargs = as_call(example_inputs)
+        specs = trace_boundaries(split, split.flatten_inputs(args, kwargs))
+        self._splitter = BatchSplitter(split.input_names, split.flatten_inputs, specs.model_inputs,
+                                       program.microbatches)
+        self.distributed = _distributed()
+        self.executor: LocalExecutor | DistributedExecutor
+        if self.distributed:
+            self.executor = DistributedExecutor(program, split, loss_fn, specs, data_parallel, timeout, lookahead)
+            self.rank = self.executor.rank
+        else:
+            self.executor = LocalExecutor(program, split, loss_fn, specs, data_parallel)
+            self.rank = 0
+        self._state_keys, self._canonical = state_names or ([], {})
+        params = [p for r in self.executor.replicas for p in r.trainable]
+        self.optimizer = optimizer(params) if optimizer is not None else None
+        self.last_timeline: list[TraceEvent] = []
+        self.training = True
+
+    # ---- steps ----------------------------------------------------------------------------------
+
+    def forward_backward(self, inputs: Any, targets: Any, record: bool = False) -> float:
+        """Gradients of the mean micro-batch loss, summed over replicas (see ``gradients()``); returns the loss."""
+        batch = self._splitter.split(inputs, targets)
+        for r in self.executor.replicas:
+            r.zero_grad()
+        loss = self.executor.run(batch, train=True, record=record)
+        self._after(record)
+        return loss
+
+    def step(self, inputs: Any, targets: Any, record: bool = False) -> float:
+        """One synchronous training step: forward_backward, optimizer step, zero grads; returns the mean loss."""
+        if self.optimizer is None:
+            raise ConfigError("step() needs an optimizer: compile(..., optimizer=lambda params: ...); "
+                              "use forward_backward() to compute gradients only")
+        loss = self.forward_backward(inputs, targets, record)
+        self.optimizer.step()
+        for r in self.executor.replicas:
+            r.zero_grad()
+        return loss
+
+    def evaluate(self, inputs: Any, targets: Any) -> float:
+        """Forward-only mean loss over the batch (no gradients; the current train/eval mode applies)."""
+        return self.executor.run(self._splitter.split(inputs, targets), train=False, record=False)
+
+    def _after(self, record: bool) -> None:
+        if not record:
+            return
+        self.last_timeline = list(self.executor.last_events)
+        if self.trace_path is not None and self.rank == 0:
+            self.save_timeline(self.trace_path)
+
+    def save_timeline(self, path: str | Path) -> Path:
+        """Write the last recorded step as a Chrome trace in the simulator's format (seconds)."""
+        meta = {"schedule": self.program.name, "devices": self.program.devices,
+                "microbatches": self.program.microbatches, "data_parallel": self.data_parallel}
+        return write_timeline(path, self.last_timeline, meta)
+
+    # ---- modes ----------------------------------------------------------------------------------
+
+    def train(self, mode: bool = True) -> CompiledPipeline:
+        """Set every stage's train/eval mode, and the optimizer's (Schedule-Free swaps y and x)."""
+        self.training = mode
+        for r in self.executor.replicas:
+            r.module.train(mode)
+        swap = getattr(self.optimizer, "train" if mode else "eval", None)
+        if callable(swap):
+            swap()
+        return self
+
+    def eval(self) -> CompiledPipeline:
+        return self.train(False)
+
+    # ---- gradients, parameters, state -----------------------------------------------------------
+
+    def _first_copies(self) -> dict[str, nn.Parameter]:
+        out: dict[str, nn.Parameter] = {}
+        for r in self.executor.replicas:
+            for name, p in r.params.items():
+                out.setdefault(name, p)
+        return out
+
+    def named_parameters(self) -> dict[str, nn.Parameter]:
+        """This process's parameters by FQN (one copy each)."""
+        return self._first_copies()
+
+    def gradients(self) -> dict[str, torch.Tensor]:
+        """This process's gradients by FQN, summed over replicas and tied uses (clones)."""
+        return {n: p.grad.detach().clone() for n, p in self._first_copies().items() if p.grad is not None}
+
+    def state_dict(self) -> dict[str, Any]:
+        """This process's part: {"model": {fqn: tensor}, "optimizer": state by FQN (if any)}."""
+        out: dict[str, Any] = {"model": model_state(self.executor.replicas)}
+        if self.optimizer is not None:
+            out["optimizer"] = optimizer_state(self.optimizer, self.executor.replicas)
+        return out
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Load what ``state_dict()`` returned (a full_state_dict()["model"] also works for the model)."""
+        if "model" not in state:
+            raise ConfigError(f"state dict has keys {sorted(state)[:5]}; expected 'model' (and 'optimizer')")
+        model = {self._canonical.get(k, k): v for k, v in state["model"].items()}
+        load_model_state(self.executor.replicas, model)
+        if self.optimizer is not None and "optimizer" in state:
+            load_optimizer_state(self.optimizer, self.executor.replicas, state["optimizer"])
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's state_dict (original keys, tied names included) on rank 0; {} elsewhere."""
+        mine = model_state(self.executor.replicas)
+        if self.distributed:
+            parts: list[dict[str, torch.Tensor] | None] = [None] * dist.get_world_size()
+            dist.gather_object(mine, parts if self.rank == 0 else None, dst=0)
+            if self.rank != 0:
+                return {}
+            for part in parts[1:]:
+                for k, v in (part or {}).items():
+                    mine.setdefault(k, v)
+        if not self._state_keys:
+            return mine
+        return {k: mine[self._canonical[k]] for k in self._state_keys if self._canonical[k] in mine}
+
+
+def compile(
+    model: nn.Module,
+    example_inputs: Any,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    schedule: str = "bitpipe",
+    devices: int = 4,
+    microbatches: int = 8,
+    optimizer: OptimizerFactory | None = None,
+    data_parallel: int = 1,
+    plan: Any = None,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    trace_path: str | Path | None = None,
+    **schedule_options: Any,
+) -> CompiledPipeline:
+    """Capture, partition, split and schedule ``model``; returns a pipeline that trains it.
+
+    ``example_inputs``: ONE micro-batch (tensor, tuple of args or dict of kwargs); ``plan``: a Plan, or a
+    path to one saved by ``bitpipe-fx partition``, to reuse its partition and program; ``timeout``: bound
+    in seconds of every wait in a distributed step.
+    """
+    from bitpipe_fx.plan import Plan, build_plan, split_from_plan
+
+    distributed = _distributed()
+    if distributed and dist.get_world_size() != devices * data_parallel and plan is None:
+        raise ConfigError(
+            f"torch.distributed has world size {dist.get_world_size()} but devices x data_parallel = "
+            f"{devices} x {data_parallel} = {devices * data_parallel}; launch that many processes or change them"
+        )
+    if plan is None:
+        plan, split = build_plan(model, example_inputs, schedule, devices, microbatches, **schedule_options)
+    else:
+        if isinstance(plan, (str, Path)):
+            plan = Plan.load(plan)
+        split = split_from_plan(model, example_inputs, plan)
+    if distributed:
+        plan, split = _agree_on_plan(plan, split, model, example_inputs)
+    return CompiledPipeline(
+        split, plan.program, loss_fn, example_inputs, optimizer=optimizer, data_parallel=data_parallel, plan=plan,
+        timeout=timeout, trace_path=trace_path, state_names=_state_names(model),
+    )
+
+
+def _agree_on_plan(plan: Any, split: SplitModel, model: nn.Module, example_inputs: Any) -> tuple[Any, SplitModel]:
+    """Every rank uses rank 0's plan (a measured cost model could differ between ranks)."""
+    from bitpipe_fx.plan import Plan, split_from_plan
+
+    box = [plan.to_json() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] == plan.to_json():
+        return plan, split
+    agreed = Plan.from_json(box[0])
+    return agreed, split_from_plan(model, example_inputs, agreed)
+

@@ -1,0 +1,133 @@
+"""Distributed executor: one process per (data-parallel index, device); rank = dp_index * D + device.
+
+At construction every rank (collectively, in the same order): checks the world size, broadcasts rank 0's
+stage weights so replicas start identical, creates the per-stage gradient groups, then keeps private copies
+of only its own stages. A step runs this device's action list with p2p messages and eager all-reduces, and
+reduces the loss over the world so every rank returns the same value.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from bitpipe_fx.errors import ConfigError, PipelineRuntimeError
+from bitpipe_fx.passes.stages import SplitModel
+from bitpipe_fx.runtime.batch import MicroBatch
+from bitpipe_fx.runtime.chunk import StageReplica, build_device
+from bitpipe_fx.runtime.gradsync import GradSync
+from bitpipe_fx.runtime.interpreter import DeviceInterpreter, forward_only
+from bitpipe_fx.runtime.p2p import P2P
+from bitpipe_fx.runtime.specs import BoundarySpecs, TensorSpec
+from bitpipe_fx.runtime.timeline import Recorder, merge
+from bitpipe_fx.schedules.ir import Program
+from bitpipe_fx.sim.trace import TraceEvent
+
+
+def check_world(devices: int, data_parallel: int) -> tuple[int, int]:
+    """(rank, world size), or ConfigError when the world is not devices x data_parallel processes."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world != devices * data_parallel:
+        raise ConfigError(
+            f"torch.distributed has world size {world} but the pipeline needs devices x data_parallel = "
+            f"{devices} x {data_parallel} = {devices * data_parallel} processes; launch that many "
+            f"(torchrun --nproc-per-node {devices * data_parallel}) or change devices/data_parallel"
+        )
+    return rank, world
+
+
+def broadcast_stages(split: SplitModel) -> None:
+    """Give every rank rank 0's parameters and buffers (one flat broadcast per stage and dtype)."""
+    for stage in split.stages:
+        tensors = list({id(t): t for t in [*stage.parameters(), *stage.buffers()]}.values())
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for t in tensors:
+            by_dtype.setdefault(t.dtype, []).append(t)
+        with torch.no_grad():
+            for group in by_dtype.values():
+                flat = torch.cat([t.detach().reshape(-1) for t in group])
+                dist.broadcast(flat, src=0)
+                offset = 0
+                for t in group:
+                    t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                    offset += t.numel()
+
+
+class DistributedExecutor:
+    """Runs this rank's device program; holds only this device's stage replicas."""
+
+    def __init__(
+        self,
+        program: Program,
+        split: SplitModel,
+        loss_fn: Callable[[Any, Any], torch.Tensor],
+        specs: BoundarySpecs,
+        data_parallel: int,
+        timeout: float,
+        lookahead: int = 4,
+    ) -> None:
+        self.program, self.dp, self.timeout = program, data_parallel, timeout
+        self.rank, self.world = check_world(program.devices, data_parallel)
+        self.device, self.dp_index = self.rank % program.devices, self.rank // program.devices
+        broadcast_stages(split)
+        shared_specs = {
+            fqn: TensorSpec.of(p)
+            for fqn, stages in split.shared.items()
+            for p in [dict(split.stages[stages[0]].named_parameters()).get(fqn)]
+            if p is not None and p.requires_grad
+        }
+        replicas, chunks = build_device(split, program.placement, self.device, loss_fn)
+        self.local_replicas = replicas
+        self.gradsync = GradSync(program.placement, data_parallel, replicas, split.shared, shared_specs, timeout)
+        device = next((p.device for r in replicas.values() for p in r.params.values()), torch.device("cpu"))
+        self.tensor_device = device
+        fwd = forward_only(program)
+        self._p2p = {True: P2P(program, self.device, self.dp_index, specs, timeout, lookahead, device),
+                     False: P2P(fwd, self.device, self.dp_index, specs, timeout, lookahead, device)}
+        self._interp = {
+            True: DeviceInterpreter(self.device, program, chunks, self._p2p[True], self.gradsync.start),
+            False: DeviceInterpreter(self.device, fwd, chunks, self._p2p[False], self.gradsync.start),
+        }
+        self.last_events: list[TraceEvent] = []
+
+    @property
+    def replicas(self) -> list[StageReplica]:
+        return list(self.local_replicas.values())
+
+    def run(self, batch: list[MicroBatch], train: bool, record: bool) -> float:
+        """One step over this rank's ``batch``; returns the mean loss over every micro-batch of every rank."""
+        if record:
+            self._wait(dist.barrier(async_op=True), "the barrier that starts a recorded step")
+        recorder = Recorder(self.rank, record)
+        interp, p2p = self._interp[train], self._p2p[train]
+        interp.begin(batch, 1.0 / (len(batch) * self.dp), train, recorder)
+        p2p.begin(recorder)
+        self.gradsync.recorder = recorder
+        while not interp.done:
+            interp.run_next()
+        p2p.finish()
+        if train:
+            self.gradsync.finish()
+        loss = torch.tensor(interp.loss_sum(), dtype=torch.float64, device=self.tensor_device)
+        self._wait(dist.all_reduce(loss, async_op=True), "the loss all-reduce")
+        if record:
+            gathered: list[list[TraceEvent] | None] = [None] * self.world
+            dist.all_gather_object(gathered, recorder.events)
+            self.last_events = merge(ev or [] for ev in gathered)
+        return float(loss)
+
+    def _wait(self, work: Any, what: str) -> None:
+        start = time.perf_counter()
+        try:
+            work.wait(timedelta(seconds=self.timeout))
+        except RuntimeError as exc:
+            raise PipelineRuntimeError(
+                f"rank {self.rank} (device {self.device}): {what} did not finish within {self.timeout}s "
+                f"(waited {time.perf_counter() - start:.1f}s: {exc}); another rank died, stalled or raised "
+                "(see its error)"
+            ) from exc

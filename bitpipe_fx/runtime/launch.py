@@ -1,0 +1,191 @@
+"""Run a function (or a script) in N local processes with torch.distributed initialised, like torchrun.
+
+The parent owns the rendezvous store (127.0.0.1, a port the OS picks, so parallel launches never clash),
+watches every child's result pipe and exit, and on the first failure gives the others ``grace`` seconds to
+end by themselves (the runtime's bounded waits make them raise PipelineRuntimeError) before killing them.
+It then raises ``LaunchError`` carrying the first traceback and every rank's outcome.
+
+    python -m bitpipe_fx.runtime.launch --nprocs 4 train.py --steps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import runpy
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from bitpipe_fx.errors import ConfigError, PipelineRuntimeError
+
+
+class LaunchError(PipelineRuntimeError):
+    """A launched rank raised or died; ``first_rank`` failed first, ``outcomes`` has every rank's story."""
+
+    def __init__(self, message: str, first_rank: int, tracebacks: dict[int, str], errors: dict[int, str],
+                 exitcodes: dict[int, int | None]) -> None:
+        super().__init__(message)
+        self.first_rank, self.tracebacks, self.errors, self.exitcodes = first_rank, tracebacks, errors, exitcodes
+
+
+def _worker(fn: Callable[..., Any], rank: int, nprocs: int, backend: str, port: int, args: tuple,
+            timeout: float, threads: int, conn: Connection) -> None:
+    """Child body: join the group, run ``fn(*args)``, report ("ok", pickled result) or ("error", ...)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(nprocs),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nprocs), OMP_NUM_THREADS=str(threads))
+    torch.set_num_threads(threads)
+    try:
+        store = dist.TCPStore("127.0.0.1", port, nprocs, is_master=False, timeout=timedelta(seconds=timeout))
+        dist.init_process_group(backend, store=store, rank=rank, world_size=nprocs,
+                                timeout=timedelta(seconds=timeout))
+        result = fn(*args)
+        payload = pickle.dumps(result)
+    except BaseException as exc:  # report anything, including SystemExit from a script
+        conn.send(("error", traceback.format_exc(), type(exc).__name__))
+        conn.close()
+        os._exit(1)
+    conn.send(("ok", payload, None))
+    conn.close()
+    try:
+        dist.barrier()  # nobody tears down connections a peer is still reading from
+        dist.destroy_process_group()
+    finally:
+        os._exit(0)
+
+
+def launch(
+    fn: Callable[..., Any],
+    nprocs: int,
+    backend: str = "gloo",
+    args: Sequence[Any] = (),
+    timeout: float = 60.0,
+    threads: int = 1,
+    grace: float | None = None,
+    join_timeout: float | None = None,
+) -> list[Any]:
+    """Run ``fn(*args)`` on ranks 0..nprocs-1 (``dist`` initialised); returns the results by rank.
+
+    ``fn`` must be importable (a module-level function). ``timeout`` is the process-group timeout;
+    after the first failure the others get ``grace`` seconds (default timeout + 10) before being killed;
+    ``join_timeout`` bounds the whole run. Raises ``LaunchError`` on any failure.
+    """
+    if nprocs < 1:
+        raise ConfigError(f"nprocs must be >= 1, got {nprocs}")
+    grace = timeout + 10.0 if grace is None else grace
+    ctx = mp.get_context("spawn")
+    store = dist.TCPStore("127.0.0.1", 0, None, True, timeout=timedelta(seconds=timeout), wait_for_workers=False)
+    procs, readers = [], {}
+    for rank in range(nprocs):
+        reader, writer = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_worker, args=(fn, rank, nprocs, backend, store.port, tuple(args), timeout,
+                                              threads, writer), name=f"bitpipe-rank{rank}")
+        p.start()
+        writer.close()
+        procs.append(p)
+        readers[rank] = reader
+    try:
+        return _watch(procs, readers, grace, join_timeout)
+    finally:
+        for p in procs:
+            _kill(p)
+        del store
+
+
+def _watch(procs: list, readers: dict[int, Connection], grace: float, join_timeout: float | None) -> list[Any]:
+    results: dict[int, Any] = {}
+    tracebacks: dict[int, str] = {}
+    errors: dict[int, str] = {}
+    order: list[int] = []  # failing ranks, first failure first
+    start = time.monotonic()
+    kill_at: float | None = None
+    live = set(range(len(procs)))
+    while live:
+        ready = wait([readers[r] for r in live] + [procs[r].sentinel for r in live], timeout=0.2)
+        for rank in sorted(live):
+            reader, proc = readers[rank], procs[rank]
+            if reader in ready or (proc.sentinel in ready and reader.poll()):
+                try:
+                    status, body, err = reader.recv()
+                except EOFError:
+                    status, body, err = "error", "", "no report"
+                if status == "ok":
+                    results[rank] = pickle.loads(body)
+                else:
+                    tracebacks[rank], errors[rank] = body, err
+                    order.append(rank)
+                live.discard(rank)
+            elif proc.sentinel in ready:
+                proc.join()
+                tracebacks[rank] = f"rank {rank} exited with code {proc.exitcode} without reporting\n"
+                errors[rank] = f"exit code {proc.exitcode}"
+                order.append(rank)
+                live.discard(rank)
+        now = time.monotonic()
+        if order and kill_at is None:
+            kill_at = now + grace
+        timed_out = join_timeout is not None and now - start > join_timeout
+        if live and ((kill_at is not None and now > kill_at) or timed_out):
+            why = "killed: the whole run exceeded join_timeout" if timed_out else "killed after the first failure"
+            for rank in sorted(live):
+                _kill(procs[rank])
+                tracebacks[rank], errors[rank] = why + "\n", "killed"
+                order.append(rank)
+            live.clear()
+    for p in procs:
+        p.join(timeout=5)
+    if order:
+        first = order[0]
+        others = ", ".join(f"rank {r}: {errors[r]}" for r in order[1:]) or "none"
+        raise LaunchError(
+            f"rank {first} failed first ({errors[first]}); other failures: {others}\n"
+            f"--- traceback of rank {first} ---\n{tracebacks[first]}",
+            first, tracebacks, errors, {r: procs[r].exitcode for r in range(len(procs))},
+        )
+    return [results[r] for r in range(len(procs))]
+
+
+def _kill(proc: Any) -> None:
+    if proc.is_alive():
+        proc.terminate()
+        proc.join(timeout=3)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(timeout=3)
+
+
+def _run_script(path: str, argv: list[str]) -> None:
+    """Run a script as ``__main__`` in a launched rank (the command-line form)."""
+    sys.argv = [path, *argv]
+    runpy.run_path(path, run_name="__main__")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bitpipe_fx.runtime.launch --nprocs N script.py [args]``: exit 1 and the first traceback."""
+    parser = argparse.ArgumentParser(prog="python -m bitpipe_fx.runtime.launch", description=__doc__.split("\n")[0])
+    parser.add_argument("--nprocs", type=int, required=True)
+    parser.add_argument("--backend", default="gloo")
+    parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("script")
+    parser.add_argument("args", nargs=argparse.REMAINDER)
+    ns = parser.parse_args(argv)
+    try:
+        launch(_run_script, ns.nprocs, ns.backend, (os.path.abspath(ns.script), ns.args), ns.timeout, ns.threads)
+    except LaunchError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
