@@ -5,26 +5,11 @@ Importing this package imports torch; the passes never touch torch.distributed.
 
 from __future__ import annotations
 
-import importlib
-
 from bitpipe_fx.passes.capture import Captured, capture, compute_nodes
+from bitpipe_fx.passes.cost import CostTable, NodeCost, StageCost, estimate_costs
+from bitpipe_fx.passes.partition import Partition, partition
 from bitpipe_fx.passes.split import split
 from bitpipe_fx.passes.stages import SplitModel, StageSpec
-
-_LAZY = {
-    "CostTable": "bitpipe_fx.passes.cost",
-    "NodeCost": "bitpipe_fx.passes.cost",
-    "estimate_costs": "bitpipe_fx.passes.cost",
-    "Partition": "bitpipe_fx.passes.partition",
-    "partition": "bitpipe_fx.passes.partition",
-}
-
-
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'bitpipe_fx.passes' has no attribute {name!r}")
-    return getattr(importlib.import_module(_LAZY[name]), name)
-
 
 __all__ = [
     "Captured",
@@ -32,6 +17,7 @@ __all__ = [
     "NodeCost",
     "Partition",
     "SplitModel",
+    "StageCost",
     "StageSpec",
     "capture",
     "compute_nodes",

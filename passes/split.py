@@ -14,11 +14,11 @@ from collections.abc import Sequence
 from itertools import pairwise
 from typing import Any
 
-from bitpipe_fx.passes.capture import TRAINING_FLAG, Captured, TrainingFlag, compute_nodes, is_free
-from bitpipe_fx.passes.stages import SplitModel, StageSpec
 from torch import fx, nn
 
 from bitpipe_fx.errors import PartitionError
+from bitpipe_fx.passes.capture import TRAINING_FLAG, Captured, TrainingFlag, compute_nodes, is_free
+from bitpipe_fx.passes.stages import SplitModel, StageSpec
 
 
 def split(captured: Captured, partition: Any) -> SplitModel:

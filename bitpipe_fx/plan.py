@@ -1,0 +1,309 @@
+"""Plan: a model's partition, the schedule's placement and program, and the per-stage costs behind them.
+
+``build_plan`` runs the passes (capture, cost, partition, split) for one schedule; ``inspect`` returns just
+the plan; ``split_from_plan`` re-cuts a model at a saved plan's cut points (refusing a plan made for a
+different graph). A plan round-trips exactly through JSON, so it can be computed once (``bitpipe-fx
+partition``) and loaded on every rank.
+
+Times in the plan are seconds per micro-batch: forward = FLOPs / ``flop_rate`` (an assumed rate, default
+1e12 FLOP/s) and backward = ``backward_factor`` x forward (2: the input and the weight gradient each cost
+about one forward), unless the plan was profiled, in which case both are measured.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bitpipe_fx.errors import ConfigError
+from bitpipe_fx.passes.cost import CostTable, StageCost
+from bitpipe_fx.schedules.ir import Program
+
+DEFAULT_FLOP_RATE = 1e12
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything needed to cut a model and run it under one schedule."""
+
+    schedule: str
+    devices: int
+    microbatches: int
+    program: Program
+    cuts: tuple[int, ...]  # boundary positions in the captured graph's compute-node order
+    stages: tuple[StageCost, ...]
+    graph_hash: str  # fingerprint of the captured graph the cuts refer to
+    model: str = ""  # the model's class name, for people reading the plan
+    flop_rate: float = DEFAULT_FLOP_RATE
+    backward_factor: float = 2.0
+    forward_times: tuple[float, ...] | None = None  # measured seconds per stage (profile=True)
+    backward_times: tuple[float, ...] | None = None
+    schedule_options: dict[str, Any] = field(default_factory=dict)
+
+    # ---- derived quantities --------------------------------------------------------------------
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    @property
+    def forward(self) -> tuple[float, ...]:
+        """Seconds of one forward per stage (measured, else FLOPs / flop_rate)."""
+        if self.forward_times is not None:
+            return self.forward_times
+        return tuple(s.flops / self.flop_rate for s in self.stages)
+
+    @property
+    def backward(self) -> tuple[float, ...]:
+        if self.backward_times is not None:
+            return self.backward_times
+        return tuple(f * self.backward_factor for f in self.forward)
+
+    def stage_devices(self, stage: int) -> tuple[int, ...]:
+        """The device of each pipe's copy of ``stage`` (one entry per pipe)."""
+        return tuple(row[stage] for row in self.program.placement.table)
+
+    def device_loads(self) -> tuple[float, ...]:
+        """Compute seconds per step on each device: its chunks' forward+backward times x their pipe's micro-batches."""
+        per_pipe = [self.program.pipe_of.count(p) for p in range(self.program.pipes)]
+        loads = [0.0] * self.devices
+        for p, row in enumerate(self.program.placement.table):
+            for s, d in enumerate(row):
+                loads[d] += per_pipe[p] * (self.forward[s] + self.backward[s])
+        return tuple(loads)
+
+    @property
+    def balance(self) -> float:
+        """max/mean device load (1.0 = perfectly balanced)."""
+        loads = self.device_loads()
+        mean = sum(loads) / len(loads)
+        return max(loads) / mean if mean else 1.0
+
+    def cost_model(self, **overrides: Any) -> Any:
+        """The simulator's CostModel for this plan (communication parameters via ``overrides``)."""
+        from bitpipe_fx.sim.cost import CostModel
+
+        fields_ = {
+            "forward": self.forward,
+            "backward": self.backward,
+            "activation_bytes": tuple(float(s.bytes_sent) for s in self.stages),
+            "param_bytes": tuple(float(s.param_bytes) for s in self.stages),
+        }
+        return CostModel(**(fields_ | overrides))
+
+    # ---- text ----------------------------------------------------------------------------------
+
+    def summary(self) -> str:
+        """Tables per stage and per device, and the balance ratio."""
+        pipes = self.program.pipes
+        lines = [
+            f"Plan for {self.model or 'model'}: schedule {self.schedule}, D={self.devices} devices, "
+            f"N={self.microbatches} micro-batches, S={self.num_stages} stages, {pipes} pipe(s)"
+            + (", profiled times" if self.forward_times is not None else f", times at {self.flop_rate:.3g} FLOP/s"),
+            "",
+            f"{'stage':>5} {'nodes':>5} {'params':>9} {'param B':>9} {'FLOPs/mb':>10} {'act B/mb':>9} "
+            f"{'sent B/mb':>9} {'fwd s':>9} {'bwd s':>9}  {'devices':<9} first .. last node",
+        ]
+        for s in self.stages:
+            devs = ",".join(str(d) for d in self.stage_devices(s.index))
+            lines.append(
+                f"{s.index:>5} {s.nodes:>5} {_n(s.params):>9} {_n(s.param_bytes):>9} {_n(s.flops):>10} "
+                f"{_n(s.activation_bytes):>9} {_n(s.bytes_sent):>9} {self.forward[s.index]:>9.3g} "
+                f"{self.backward[s.index]:>9.3g}  {devs:<9} {s.first_node} .. {s.last_node}"
+            )
+        loads = self.device_loads()
+        header = f"{'device':>6} {'chunks (pipe.stage)':<24} {'load s/step':>11} {'weights B':>10} {'act B/mb':>9}"
+        lines += ["", header]
+        for d in range(self.devices):
+            chunks = self.program.placement.chunks(d)
+            weights = sum(self.stages[s].param_bytes for _, s in chunks)
+            acts = sum(self.stages[s].activation_bytes for _, s in chunks)
+            names = " ".join(f"{p}.{s}" for p, s in chunks)
+            lines.append(f"{d:>6} {names:<24} {loads[d]:>11.4g} {_n(weights):>10} {_n(acts):>9}")
+        spread = max(loads) / min(loads) if min(loads) else float("inf")
+        lines += ["", f"balance: max/mean device load = {self.balance:.4f}, max/min = {spread:.4f}"]
+        lines += self._simulated()
+        return "\n".join(lines)
+
+    def _simulated(self) -> list[str]:
+        try:
+            from bitpipe_fx.sim import simulate
+        except ImportError:
+            return []
+        report = simulate(self.program, self.cost_model())
+        return [
+            f"simulated step (no communication cost): makespan {report.makespan:.4g} s, "
+            f"bubble {100 * report.bubble_ratio:.1f}% of the makespan"
+        ]
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    # ---- JSON ----------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {k: v for k, v in asdict(self).items() if k not in ("program", "stages")}
+        data["program"] = self.program.to_dict()
+        data["stages"] = [asdict(s) for s in self.stages]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        try:
+            return cls(
+                schedule=str(data["schedule"]),
+                devices=int(data["devices"]),
+                microbatches=int(data["microbatches"]),
+                program=Program.from_dict(data["program"]),
+                cuts=tuple(int(c) for c in data["cuts"]),
+                stages=tuple(StageCost(**row) for row in data["stages"]),
+                graph_hash=str(data["graph_hash"]),
+                model=str(data.get("model", "")),
+                flop_rate=float(data.get("flop_rate", DEFAULT_FLOP_RATE)),
+                backward_factor=float(data.get("backward_factor", 2.0)),
+                forward_times=_floats(data.get("forward_times")),
+                backward_times=_floats(data.get("backward_times")),
+                schedule_options=dict(data.get("schedule_options") or {}),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ConfigError(
+                f"not a bitpipe_fx plan: {exc!r}; write plans with Plan.save or `bitpipe-fx partition`"
+            ) from exc
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"plan is not valid JSON: {exc}") from exc
+        return cls.from_dict(data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"no plan file at {str(p)!r}; create one with `bitpipe-fx partition ... --out {p}`")
+        return cls.from_json(p.read_text())
+
+
+def _floats(values: Any) -> tuple[float, ...] | None:
+    return None if values is None else tuple(float(v) for v in values)
+
+
+def _n(x: float) -> str:
+    """Compact count: 1234567 -> 1.23M."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{unit}"
+    return str(int(x))
+
+
+def graph_hash(costs: CostTable) -> str:
+    """Fingerprint of a captured graph: node names, ops and output sizes in order."""
+    text = "|".join(f"{n.name}:{n.target}:{n.out_bytes}:{','.join(n.state)}" for n in costs.nodes)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# ---- building plans ------------------------------------------------------------------------------
+
+
+def build_plan(
+    model: Any,
+    example_inputs: Any,
+    schedule: str = "bitpipe",
+    devices: int = 4,
+    microbatches: int | None = None,
+    *,
+    flop_rate: float = DEFAULT_FLOP_RATE,
+    profile: bool = False,
+    balance_tolerance: float = 0.02,
+    leaf_modules: tuple = (),
+    **schedule_options: Any,
+) -> tuple[Plan, Any]:
+    """Capture, cost, partition and split ``model`` for ``schedule``; returns (Plan, SplitModel).
+
+    ``example_inputs``: one micro-batch, as a tensor, a tuple of positional args or a dict of keyword args.
+    ``microbatches`` defaults to 2 x devices. ``profile=True`` measures each stage's forward and backward
+    time, re-balances once with the measured times, and stores the measurements (not reproducible across
+    ranks: save the plan and load it everywhere). Extra keyword arguments go to the schedule generator.
+    """
+    from bitpipe_fx.passes import capture, estimate_costs, partition, split
+    from bitpipe_fx.passes.capture import normalize_inputs
+    from bitpipe_fx.schedules import generate
+
+    if flop_rate <= 0:
+        raise ConfigError(f"flop_rate must be > 0 FLOP/s, got {flop_rate}")
+    n = 2 * devices if microbatches is None else microbatches
+    program = generate(schedule, devices, n, **schedule_options)
+    args, kwargs = normalize_inputs(example_inputs)
+    captured = capture(model, args, kwargs, leaf_modules=leaf_modules)
+    costs = estimate_costs(captured)
+    per_pipe = [program.pipe_of.count(p) for p in range(program.pipes)]
+    part = partition(costs, program.placement, pipe_microbatches=per_pipe, balance_tolerance=balance_tolerance)
+    stage_model = split(captured, part)
+    times: tuple[tuple[float, ...], tuple[float, ...]] | tuple[None, None] = (None, None)
+    if profile:
+        from bitpipe_fx.passes.profile import measure_stages
+
+        fwd, bwd = measure_stages(stage_model, captured.example_inputs)
+        rows = costs.stages(part.cuts)
+        bounds = (0, *part.cuts, len(costs.nodes))
+        weights = [
+            node.flops * (fwd[k] + bwd[k]) / max(rows[k].flops, 1)
+            for k in range(len(rows))
+            for node in costs.nodes[bounds[k] : bounds[k + 1]]
+        ]
+        part = partition(
+            costs, program.placement, pipe_microbatches=per_pipe, weights=weights, balance_tolerance=balance_tolerance
+        )
+        stage_model = split(captured, part)
+        times = measure_stages(stage_model, captured.example_inputs)
+    plan = Plan(
+        schedule=schedule,
+        devices=devices,
+        microbatches=n,
+        program=program,
+        cuts=part.cuts,
+        stages=costs.stages(part.cuts),
+        graph_hash=graph_hash(costs),
+        model=type(model).__name__,
+        flop_rate=float(flop_rate),
+        forward_times=times[0],
+        backward_times=times[1],
+        schedule_options=dict(schedule_options),
+    )
+    return plan, stage_model
+
+
+def inspect(
+    model: Any, example_inputs: Any, schedule: str = "bitpipe", devices: int = 4, microbatches: int | None = None,
+    **options: Any,
+) -> Plan:
+    """The plan ``build_plan`` would make (print it, or call ``.summary()``)."""
+    return build_plan(model, example_inputs, schedule, devices, microbatches, **options)[0]
+
+
+def split_from_plan(model: Any, example_inputs: Any, plan: Plan, *, leaf_modules: tuple = ()) -> Any:
+    """Cut ``model`` at ``plan``'s cut points; ConfigError if the model's graph is not the one planned."""
+    from bitpipe_fx.passes import capture, estimate_costs, split
+    from bitpipe_fx.passes.capture import normalize_inputs
+
+    args, kwargs = normalize_inputs(example_inputs)
+    captured = capture(model, args, kwargs, leaf_modules=leaf_modules)
+    costs = estimate_costs(captured)
+    found = graph_hash(costs)
+    if found != plan.graph_hash:
+        raise ConfigError(
+            f"the plan was made for a different graph (plan {plan.graph_hash}, this model and micro-batch give "
+            f"{found}: another model, config, micro-batch shape or torch version); re-run `bitpipe-fx partition`"
+        )
+    return split(captured, plan.cuts)

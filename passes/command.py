@@ -1,0 +1,116 @@
+"""The `bitpipe-fx inspect` and `bitpipe-fx partition` sub-commands (the auto-partition tool).
+
+``MODULE:FACTORY`` names a function that returns ``(model, example_inputs)`` for one micro-batch; MODULE is a
+dotted module name (``bitpipe_fx.examples.models``) or a path to a ``.py`` file. ``--arg KEY=VALUE`` passes
+keyword arguments to the factory (values are Python literals, e.g. ``--arg layers=16``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+from bitpipe_fx.errors import ConfigError
+
+
+def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
+    """Register ``inspect`` or ``partition`` and its arguments."""
+    helps = {
+        "inspect": "print a model's plan (stages, costs, placement, balance) for a schedule",
+        "partition": "compute a model's plan for a schedule and save it as JSON (load it with Plan.load)",
+    }
+    parser = subparsers.add_parser(name, help=helps[name], description=helps[name])
+    parser.add_argument("target", metavar="MODULE:FACTORY", help="factory returning (model, example_inputs)")
+    parser.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE", help="factory keyword argument")
+    parser.add_argument("--schedule", default="bitpipe", help="schedule name (default: bitpipe)")
+    parser.add_argument("--devices", type=int, default=4, help="pipeline devices D (default: 4)")
+    parser.add_argument("--microbatches", type=int, default=None, help="micro-batches N (default: 2*D)")
+    parser.add_argument("--flop-rate", type=float, default=1e12, help="assumed FLOP/s for times (default: 1e12)")
+    parser.add_argument("--profile", action="store_true", help="measure stage times and re-balance with them")
+    parser.add_argument("--out", required=name == "partition", help="write the plan as JSON to this path")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from bitpipe_fx.plan import build_plan
+
+    model, example_inputs = load_factory(args.target, parse_kwargs(args.arg))
+    plan, _ = build_plan(
+        model,
+        example_inputs,
+        args.schedule,
+        args.devices,
+        args.microbatches,
+        flop_rate=args.flop_rate,
+        profile=args.profile,
+    )
+    print(plan.summary())
+    if args.out:
+        plan.save(args.out)
+        print(f"\nplan written to {args.out}")
+    return 0
+
+
+def parse_kwargs(items: list[str]) -> dict[str, Any]:
+    """``['layers=16', 'dropout=0.1']`` -> ``{'layers': 16, 'dropout': 0.1}`` (non-literals stay strings)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise ConfigError(f"--arg expects KEY=VALUE with KEY a Python identifier, got {item!r}")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def load_factory(target: str, kwargs: dict[str, Any] | None = None) -> tuple[Any, Any]:
+    """Import MODULE:FACTORY, call it, and check that it returned (model, example_inputs)."""
+    module_name, sep, attr = target.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(
+            f"target {target!r} must be MODULE:FACTORY, e.g. bitpipe_fx.examples.models:gpt or path/to/file.py:make"
+        )
+    module = _import(module_name)
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        found = sorted(
+            n
+            for n, v in vars(module).items()
+            if callable(v) and not n.startswith("_") and getattr(v, "__module__", None) == module.__name__
+        )
+        raise ConfigError(f"{module_name!r} has no callable {attr!r}; callables there: {found}")
+    try:
+        result = factory(**(kwargs or {}))
+    except TypeError as exc:
+        raise ConfigError(f"calling {target} with {kwargs or {}} failed: {exc}") from exc
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise ConfigError(f"{target} must return (model, example_inputs), got {type(result).__name__}")
+    return result
+
+
+def _import(name: str) -> Any:
+    if name.endswith(".py") or "/" in name or "\\" in name:
+        path = Path(name)
+        if not path.is_file():
+            raise ConfigError(f"no such file {name!r} (from MODULE:FACTORY); give an existing .py path or a module")
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        if spec is None or spec.loader is None:
+            raise ConfigError(f"cannot import {name!r} as a Python module")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules.setdefault(path.stem, module)
+        spec.loader.exec_module(module)
+        return module
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        raise ConfigError(
+            f"cannot import module {name!r} ({exc}); give a dotted module on sys.path or a path to a .py file"
+        ) from exc

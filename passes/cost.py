@@ -1,0 +1,232 @@
+"""cost: per-node FLOPs, parameter bytes and activation bytes of a captured graph, by shape propagation.
+
+Shapes come from running the graph once on FakeTensors (no real compute, no memory), falling back to the
+real example inputs when a node cannot run on fake tensors (e.g. an opaque leaf module with data-dependent
+control flow). FLOPs of matmul, linear, convolution and attention come from ``torch.utils.flop_counter``; any
+other op that computes (elementwise, reductions, normalisation, gathers) counts one FLOP per output element;
+views count zero. The same table feeds the partitioner (loads, bytes crossing each cut) and, through the
+plan, the simulator's cost model.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from bitpipe_fx.passes.capture import TRAINING_FLAG, Captured, compute_nodes
+
+
+@dataclass(frozen=True)
+class NodeCost:
+    """What one compute node costs for one micro-batch."""
+
+    name: str
+    target: str
+    flops: int  # forward FLOPs
+    out_bytes: int  # bytes of its output tensor(s): what a send of this value moves
+    activation_bytes: int  # out_bytes, or 0 when the output aliases an input (views)
+    state: tuple[str, ...]  # FQNs of the parameters and buffers it reads directly
+    is_tensor: bool  # its output is a single tensor (only such values may cross a stage boundary)
+
+
+@dataclass(frozen=True)
+class StageCost:
+    """Totals of one stage for one micro-batch (a row of the plan's summary)."""
+
+    index: int
+    nodes: int
+    params: int  # parameter elements
+    param_bytes: int
+    flops: int  # forward FLOPs
+    activation_bytes: int  # bytes of the values the stage computes (what it stashes for backward, roughly)
+    bytes_sent: int  # bytes it sends to the next stage (0 for the last stage)
+    first_node: str
+    last_node: str
+
+
+@dataclass(frozen=True)
+class CostTable:
+    """Costs of every compute node in topological order, and of every boundary between two nodes.
+
+    Boundary ``b`` (1 <= b < len(nodes)) lies between node b-1 and node b; index b-1 of ``crossing_bytes``
+    and ``cuttable`` describes it.
+    """
+
+    nodes: tuple[NodeCost, ...]
+    param_bytes: dict[str, int]  # parameter FQN -> bytes
+    param_numel: dict[str, int]  # parameter FQN -> elements
+    crossing_bytes: tuple[int, ...]  # bytes of the values live across each boundary
+    cuttable: tuple[bool, ...]  # False where a non-tensor value or an in-place update would cross
+
+    @property
+    def flops(self) -> list[int]:
+        return [n.flops for n in self.nodes]
+
+    def stages(self, cuts: Sequence[int]) -> tuple[StageCost, ...]:
+        """Per-stage totals for the stages that ``cuts`` (boundary positions) delimit."""
+        bounds = (0, *cuts, len(self.nodes))
+        rows = []
+        for k in range(len(bounds) - 1):
+            own = self.nodes[bounds[k] : bounds[k + 1]]
+            params = sorted({s for n in own for s in n.state if s in self.param_bytes})
+            rows.append(
+                StageCost(
+                    index=k,
+                    nodes=len(own),
+                    params=sum(self.param_numel[p] for p in params),
+                    param_bytes=sum(self.param_bytes[p] for p in params),
+                    flops=sum(n.flops for n in own),
+                    activation_bytes=sum(n.activation_bytes for n in own),
+                    bytes_sent=self.crossing_bytes[bounds[k + 1] - 1] if k < len(bounds) - 2 else 0,
+                    first_node=own[0].name,
+                    last_node=own[-1].name,
+                )
+            )
+        return tuple(rows)
+
+
+def estimate_costs(captured: Captured) -> CostTable:
+    """Annotate every compute node of ``captured`` with FLOPs and bytes (see the module docstring)."""
+    model = captured.model
+    params = dict(model.named_parameters())
+    state_names = set(params) | {n for n, _ in model.named_buffers()}
+    nodes = compute_nodes(captured.graph)
+    values, flops = _propagate(captured)
+    position = {n: i for i, n in enumerate(nodes)}
+    costs = []
+    for node in nodes:
+        out = values[node]
+        out_bytes = sum(t.numel() * t.element_size() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+        view = _is_view(node)
+        counted = flops[node] or _attention_flops(node, values)
+        if counted == 0 and not view and isinstance(out, torch.Tensor):
+            counted = out.numel()
+        costs.append(
+            NodeCost(
+                name=node.name,
+                target=_target_name(node),
+                flops=int(counted),
+                out_bytes=int(out_bytes),
+                activation_bytes=0 if view else int(out_bytes),
+                state=_state_read(node, captured, state_names),
+                is_tensor=isinstance(out, torch.Tensor),
+            )
+        )
+    crossing, cuttable = _boundaries(captured.graph, nodes, position, costs)
+    return CostTable(
+        nodes=tuple(costs),
+        param_bytes={k: p.numel() * p.element_size() for k, p in params.items()},
+        param_numel={k: p.numel() for k, p in params.items()},
+        crossing_bytes=crossing,
+        cuttable=cuttable,
+    )
+
+
+class _Propagate(fx.Interpreter):
+    """Runs the graph once, keeping each node's output (shape carrier) and counted FLOPs."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm, garbage_collect_values=False)
+        self.flops: dict[fx.Node, int] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n.op in ("placeholder", "get_attr", "output") or n.target == TRAINING_FLAG:
+            return super().run_node(n)
+        with FlopCounterMode(display=False) as counter:
+            out = super().run_node(n)
+        self.flops[n] = counter.get_total_flops()
+        return out
+
+
+def _propagate(captured: Captured) -> tuple[dict[fx.Node, Any], dict[fx.Node, int]]:
+    interp = _Propagate(captured.graph_module)
+    try:
+        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            interp.run(*(mode.from_tensor(t) for t in captured.example_inputs))
+    except Exception:
+        interp = _Propagate(captured.graph_module)
+        with torch.no_grad():
+            interp.run(*captured.example_inputs)
+    return interp.env, interp.flops
+
+
+def _attention_flops(node: fx.Node, values: dict[fx.Node, Any]) -> int:
+    """FLOPs of scaled dot-product attention (Q·Kᵀ and P·V), which the flop counter misses on some backends."""
+    if "scaled_dot_product" not in _target_name(node) or len(node.args) < 3:
+        return 0
+    q, k, v = (values.get(a) for a in node.args[:3])
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        return 0
+    batch = q.numel() // (q.shape[-2] * q.shape[-1])
+    return 2 * batch * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+
+
+def _is_view(node: fx.Node) -> bool:
+    if node.target is operator.getitem:
+        return True
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return node.op == "call_method" and node.target in ("view", "reshape", "transpose", "permute", "unsqueeze")
+    return any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns)
+
+
+def _mutated_args(node: fx.Node) -> list[fx.Node]:
+    """Arguments that ``node`` updates in place."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None:
+        writes = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+        bound = dict(zip((a.name for a in schema.arguments), node.args)) | dict(node.kwargs)
+        return [bound[w] for w in writes if isinstance(bound.get(w), fx.Node)]
+    if node.op == "call_method" and str(node.target).endswith("_") and not str(node.target).startswith("_"):
+        return [node.args[0]] if isinstance(node.args[0], fx.Node) else []
+    return []
+
+
+def _state_read(node: fx.Node, captured: Captured, state_names: set[str]) -> tuple[str, ...]:
+    if node.op == "call_module":
+        module = captured.graph_module.get_submodule(str(node.target))
+        named = [*module.named_parameters(prefix=str(node.target)), *module.named_buffers(prefix=str(node.target))]
+        return tuple(name for name, _ in named)
+    return tuple(a.target for a in node.all_input_nodes if a.op == "get_attr" and a.target in state_names)
+
+
+def _target_name(node: fx.Node) -> str:
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", str(node.target))
+    return str(node.target)
+
+
+def _boundaries(
+    graph: fx.Graph, nodes: list[fx.Node], position: dict[fx.Node, int], costs: list[NodeCost]
+) -> tuple[tuple[int, ...], tuple[bool, ...]]:
+    """Bytes live across each boundary and whether a cut there is allowed."""
+    m = len(nodes)
+    delta = [0] * (m + 1)
+    blocked = [0] * (m + 1)
+    for i, node in enumerate(nodes):
+        last = max((position.get(u, m) for u in node.users), default=i)  # the output node counts as m
+        if last > i:
+            delta[i + 1] += costs[i].out_bytes
+            delta[last + 1 if last < m else m] -= costs[i].out_bytes
+            if not costs[i].is_tensor:
+                blocked[i + 1] += 1
+                blocked[min(last, m - 1) + 1] -= 1
+        for arg in _mutated_args(node):
+            if arg in position:  # an in-place update must stay with the value's producer
+                blocked[position[arg] + 1] += 1
+                blocked[i + 1] -= 1
+    crossing, cuttable, live, block = [], [], 0, 0
+    for b in range(1, m):
+        live += delta[b]
+        block += blocked[b]
+        crossing.append(live)
+        cuttable.append(block == 0)
+    return tuple(crossing), tuple(cuttable)
