@@ -1,1 +1,56 @@
-"""Triton kernels and their CPU reference paths (bitpipe_fx.kernels)."""
+"""Fused optimizer steps (bitpipe_fx.kernels): Triton kernels and their CPU reference path.
+
+One optimizer step is one pass over memory per element: Schedule-Free AdamW reads y, z, v, g
+and writes y, z, v (28 B per float32 parameter); Schedule-Free SGD reads y, z, g and writes y, z
+(20 B); AdamW reads y, g, m, v and writes y, m, v (28 B). Per parameter group and step there is
+one launch of a one-program *scalar kernel* and one element-wise launch per bucket (parameters
+of the same dtypes and alignment; usually one bucket), whatever the number of tensors.
+
+Pointer tables, not flat buffers
+--------------------------------
+A launch must reach hundreds of tensors. Two ways: copy them into flat buffers (or make the
+parameters views of one buffer), or give the kernel a table of addresses. We use tables:
+
+* the parameters belong to the model and the gradients to autograd: flattening them means either
+  a copy per step (which would double the memory traffic this kernel exists to minimise) or
+  re-homing ``p.data`` and keeping ``p.grad`` a view of a flat buffer, which breaks as soon as
+  ``zero_grad(set_to_none=True)`` (the default) or a user's own code replaces a gradient;
+* a table costs 8 bytes per tensor and slot plus 4 bytes per block of ``BLOCK`` elements (under
+  0.1 % of the traffic), is rebuilt only when an address changes, and works unchanged with the
+  runtime's flat gradient buckets, with state tensors loaded from a checkpoint and with mixed
+  dtypes (one table per dtype bucket);
+* the state could be flat (we own it), but per-parameter state tensors keep ``state_dict()``
+  in the layout torch and the ``schedulefree`` package use, so checkpoints interoperate.
+
+Each program looks up its tensor in a block map and its offset inside it; offsets are int64,
+so a tensor (or a group) of more than 2^31 elements is handled. Blocks never straddle tensors:
+full blocks take an unmasked path with 16-byte vector accesses when every address in the table
+is 16-byte aligned (otherwise the bucket runs without the alignment hint), the last block of a
+tensor takes a masked path.
+
+No host synchronisation
+-----------------------
+Each group owns a float64 slot vector on its device (see :mod:`.scalars`): hyper-parameters
+written by the host only when they change, the step count, lr_max and Σweight, and this step's
+γ, c, bias corrections and REX/cosine/linear lr. The scalar kernel advances them on the device,
+so a step never reads a device value back, and a captured CUDA graph replays correct steps.
+
+Precision
+---------
+State is float32 for float32, bfloat16 and float16 parameters and float64 for float64 ones; the
+update is computed in the state dtype from parameters and gradients converted on load. A
+low-precision parameter (y in Schedule-Free, the weights in AdamW) is rounded to nearest-even
+once per step when stored; z, v and m never are, so no update is lost in the accumulators.
+Scalars are computed in float64 and rounded once to the compute dtype, like torch's
+``alpha=`` arguments, so float32 results match the ``schedulefree`` package and torch.optim.AdamW
+to float32 rounding and float64 results to float64 rounding.
+
+The CPU path (:mod:`.torch_step`) runs the same math with torch's multi-tensor ops and is
+chosen automatically for non-CUDA tensors; under ``TRITON_INTERPRET=1`` the Triton kernels
+themselves run on CPU tensors (``backend='triton'``), which is how the tests check them.
+"""
+
+from bitpipe_fx.kernels.engine import BACKENDS, DEFAULT_BLOCK, DEFAULT_NUM_WARPS, GroupKernel, resolve_backend
+from bitpipe_fx.kernels.scalars import Kind, Profile
+
+__all__ = ["BACKENDS", "DEFAULT_BLOCK", "DEFAULT_NUM_WARPS", "GroupKernel", "Kind", "Profile", "resolve_backend"]

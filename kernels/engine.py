@@ -1,0 +1,181 @@
+"""GroupKernel: one parameter group's device scalars, launch tables and backend, behind two calls.
+
+The optimizers in :mod:`bitpipe_fx.optim` own the torch.optim plumbing (param groups, state
+dicts, validation); a GroupKernel owns the numerics of one group: ``step(rows)`` advances the
+group's scalars and updates every row (parameter, gradient, state tensors), ``lerp(rows, slot)``
+moves Schedule-Free parameters between y and x.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+from bitpipe_fx.errors import ConfigError
+from bitpipe_fx.kernels import scalars as S
+from bitpipe_fx.kernels import torch_step
+from bitpipe_fx.kernels.tables import TableCache
+
+DEFAULT_BLOCK = 4096
+DEFAULT_NUM_WARPS = 8
+BACKENDS = ("auto", "triton", "torch")
+
+Row = Sequence[torch.Tensor]
+
+
+def triton_available() -> bool:
+    """True when triton imports (it is an optional extra)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """'triton' or 'torch' for tensors on `device`: auto picks Triton on CUDA, the torch path elsewhere."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend={backend!r} is not one of {BACKENDS}; use 'auto' unless you are testing.")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise ConfigError("backend='triton' needs the triton package: pip install 'bitpipe-fx[kernels]'.")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ConfigError(
+                f"backend='triton' on {device.type} tensors runs only under the Triton interpreter: set "
+                f"TRITON_INTERPRET=1 before triton is imported, or use backend='auto'."
+            )
+    return backend
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Optimizer state dtype for parameters of `dtype`: float64 stays, everything else gets float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class GroupKernel:
+    """Scalars (float64 slots on the group's device), tables and launches of one parameter group."""
+
+    def __init__(self, kind: S.Kind, profile: S.Profile, device: torch.device, backend: str,
+                 block: int = DEFAULT_BLOCK, num_warps: int = DEFAULT_NUM_WARPS) -> None:
+        self.kind, self.profile, self.device = kind, profile, device
+        self.backend = resolve_backend(backend, device)
+        self.block, self.num_warps = block, num_warps
+        self.slots = torch.zeros(S.N_SLOTS, dtype=torch.float64, device=device)
+        self.load_state(*S.INITIAL_STATE)
+        self._inputs: tuple[float, ...] | None = None
+        self._tables: dict[tuple, TableCache] = {}
+
+    # ----------------------------------------------------------------- host <-> device scalars
+    def set_inputs(self, inputs: Sequence[float], lr: float | torch.Tensor) -> None:
+        """Write the hyper-parameters (slot order of scalars.LR..REX_D) when they changed; a tensor lr is copied."""
+        values = (0.0 if isinstance(lr, torch.Tensor) else float(lr), *map(float, inputs))
+        if values != self._inputs:
+            host = torch.tensor(values, dtype=torch.float64)
+            if self.device.type == "cuda":
+                host = host.pin_memory()
+            self.slots[: S.N_INPUTS].copy_(host, non_blocking=True)
+            self._inputs = values
+        if isinstance(lr, torch.Tensor):
+            self.slots[S.LR : S.LR + 1].copy_(lr.detach().reshape(1), non_blocking=True)
+
+    def load_state(self, k: float, lr_max: float, weight_sum: float, scheduled_lr: float = 0.0) -> None:
+        """Set step count, lr_max, weight sum and the last scheduled lr (after load_state_dict)."""
+        self.slots[S.K : S.WSUM + 1].copy_(torch.tensor([k, lr_max, weight_sum], dtype=torch.float64))
+        self.slots[S.GAMMA] = scheduled_lr
+
+    def read(self) -> dict[str, float]:
+        """Step count, lr_max, weight sum and last scheduled lr as host numbers (synchronises: checkpoints only)."""
+        s = self.slots.tolist()
+        return {"k": int(s[S.K]), "lr_max": s[S.LR_MAX], "weight_sum": s[S.WSUM], "scheduled_lr": s[S.GAMMA]}
+
+    # ----------------------------------------------------------------- the step
+    def step(self, rows: Sequence[Row], names: Sequence[str] = ()) -> None:
+        """Advance the scalars once and update every row: (y, g, z, v), (y, g, z) or (y, g, m, v) by kind."""
+        if self.backend == "torch":
+            self._torch_step(rows)
+        else:
+            self._triton_step(rows, names)
+
+    def lerp(self, rows: Sequence[Row], w_slot: int) -> None:
+        """y <- y + w·(z - y) on every (y, z) row, w read from slot `w_slot` (EVAL_W or TRAIN_W)."""
+        if not rows:
+            return
+        if self.backend == "torch":
+            w = self.slots[w_slot].item()
+            for (ys, zs), low in _buckets(rows):
+                torch_step.lerp(ys, zs, w)
+                _store_back(low, ys)
+            return
+        from bitpipe_fx.kernels import triton_step as T
+
+        for table in self._bucket_tables(rows, ("lerp",)):
+            T.lerp_kernel[(table.n_blocks,)](
+                table.ptrs, table.n, table.block_tensor, table.first_block, table.numels, self.slots,
+                table.likes[0], table.likes[1], W_SLOT=w_slot, ALIGNED=table.aligned, BLOCK=table.block,
+                num_warps=self.num_warps,
+            )
+
+    def _torch_step(self, rows: Sequence[Row]) -> None:
+        s = S.advance(self.kind, self.profile, self.slots.tolist())
+        self.slots.copy_(torch.tensor(s, dtype=torch.float64))
+        update = {S.Kind.SF_ADAMW: torch_step.sf_adamw, S.Kind.SF_SGD: torch_step.sf_sgd,
+                  S.Kind.ADAMW: torch_step.adamw}[self.kind]
+        for lists, low in _buckets(rows):
+            update(*lists, s)
+            _store_back(low, lists[0])
+
+    def _triton_step(self, rows: Sequence[Row], names: Sequence[str]) -> None:
+        from bitpipe_fx.kernels import triton_step as T
+
+        T.scalar_step_kernel[(1,)](self.slots, KIND=int(self.kind), PROFILE=int(self.profile), num_warps=1)
+        if not rows:
+            return
+        for table in self._bucket_tables(rows, ("step",), names):
+            args = (table.ptrs, table.n, table.block_tensor, table.first_block, table.numels, self.slots,
+                    *table.likes[:3])
+            if self.kind == S.Kind.ADAMW:
+                T.adamw_step_kernel[(table.n_blocks,)](*args, ALIGNED=table.aligned, BLOCK=table.block,
+                                                       num_warps=self.num_warps)
+            else:
+                T.sf_step_kernel[(table.n_blocks,)](*args, ADAM=self.kind == S.Kind.SF_ADAMW, ALIGNED=table.aligned,
+                                                    BLOCK=table.block, num_warps=self.num_warps)
+
+    def _bucket_tables(self, rows: Sequence[Row], purpose: tuple, names: Sequence[str] = ()):
+        """One table per (dtypes, alignment) bucket of `rows`, cached by addresses and sizes."""
+        buckets: dict[tuple, tuple[list[Row], list[str], list[int]]] = {}
+        for i, row in enumerate(rows):
+            ptrs = [t.data_ptr() for t in row]
+            key = (*purpose, *(t.dtype for t in row), all(p % 16 == 0 for p in ptrs))
+            bucket_rows, bucket_names, bucket_key = buckets.setdefault(key, ([], [], []))
+            bucket_rows.append(row)
+            bucket_names.append(names[i] if i < len(names) else f"parameter {i}")
+            bucket_key.extend(ptrs)
+            bucket_key.append(row[0].numel())
+        for key, (bucket_rows, bucket_names, bucket_key) in buckets.items():
+            cache = self._tables.setdefault(key, TableCache(self.block))
+            yield cache.get(bucket_rows, tuple(bucket_key), bucket_names)
+
+
+def _buckets(rows: Sequence[Row]):
+    """Group rows by dtypes for the multi-tensor ops; low-precision tensors come back as state-dtype copies.
+
+    Yields (lists per slot in the state dtype, original parameter tensors that need the result copied back).
+    """
+    groups: dict[tuple, list[Row]] = {}
+    for row in rows:
+        groups.setdefault(tuple(t.dtype for t in row), []).append(row)
+    for bucket in groups.values():
+        cdt = bucket[0][-1].dtype  # the last slot is always optimizer state
+        lists = [[t if t.dtype == cdt else t.to(cdt) for t in col] for col in zip(*bucket)]
+        low = [row[0] for row in bucket] if bucket[0][0].dtype != cdt else []
+        yield lists, low
+
+
+def _store_back(low: list[torch.Tensor], computed: list[torch.Tensor]) -> None:
+    """Round the state-dtype results back into low-precision parameters (nearest-even, as Triton stores)."""
+    if low:
+        torch._foreach_copy_(low, computed)
