@@ -140,6 +140,7 @@ def _figure(panels: Sequence[tuple[str, list[TraceEvent], str]], path: Path, sha
     end = max((e.end for _, evs, _ in panels for e in evs), default=1.0) or 1.0
     for ax, (title, evs, unit) in zip(axes, panels):
         used |= _draw(ax, evs, title, unit, end if share_x else None)
+        ax.tick_params(labelbottom=True)
     _legend(fig, used)
     with rc_context({"hatch.linewidth": 0.4}):
         fig.savefig(path)
