@@ -215,3 +215,47 @@ def test_sim_does_not_import_torch():
     code = "import bitpipe_fx.sim, bitpipe_fx.sim.command, bitpipe_fx.sim.plot, sys; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# DESIGN.md's published BitPipe order for D = 4, N = 4 (1-based micro-batches; F1u3 = forward of the first-half
+# chunk of the up pipe for micro-batch 3; S23 / S01 = syncs of the second-half / first-half chunks).
+PUBLISHED_BITPIPE = """
+F1d1 F1d2 F1u3 F2u3 F1u4 F2u4 F2d1 B2d1 F2d2 B2d2 B2u3 B1u3 B2u4 B1u4 B1d1 S23 B1d2 S01
+F1d1 F1u3 F1d2 F1u4 F2u3 F2d1 F2u4 F2d2 B2d1 B2u3 B2d2 B2u4 B1u3 B1d1 B1u4 B1d2 S23 S01
+F1u3 F1d1 F1u4 F1d2 F2d1 F2u3 F2d2 F2u4 B2u3 B2d1 B2u4 B2d2 B1d1 B1u3 B1d2 B1u4 S23 S01
+F1u3 F1u4 F1d1 F2d1 F1d2 F2d2 F2u3 B2u3 F2u4 B2u4 B2d1 B1d1 B2d2 B1d2 B1u3 S23 B1u4 S01
+"""
+
+
+def published_bitpipe(devices: int = 4) -> Program:
+    """Transcribe the listing into actions on bitpipe_placement(4), independently of any generator."""
+    from bitpipe_fx.schedules.ir import bitpipe_placement
+
+    def chunk(d: int, half: str, pipe: int) -> int:
+        if pipe == 0:
+            return d if half == "1" else 2 * devices - 1 - d
+        return devices - 1 - d if half == "1" else devices + d
+
+    rows = []
+    for d, line in enumerate(PUBLISHED_BITPIPE.split("\n")[1:-1]):
+        acts = []
+        for tok in line.split():
+            if tok.startswith("S"):
+                half = "2" if tok == "S23" else "1"
+                acts += [Action("SYNC", 0, chunk(d, half, 0)), Action("SYNC", 1, chunk(d, half, 1))]
+            else:
+                pipe = 0 if tok[2] == "d" else 1
+                acts.append(Action(tok[0], pipe, chunk(d, tok[1], pipe), int(tok[3]) - 1))
+        rows.append(tuple(acts))
+    return Program("published", bitpipe_placement(devices), (0, 0, 1, 1), tuple(rows))
+
+
+def test_published_bitpipe_reference_timing():
+    # DESIGN.md: 28 units with F = 1, B = 2 per chunk and free communication, 4 idle units per device
+    r = simulate(published_bitpipe(), CostModel(forward=1, backward=2))
+    assert r.makespan == 28
+    assert [r.idle(d) for d in range(4)] == [4, 4, 4, 4]
+    assert [r.weight_copies(d) for d in range(4)] == [4, 4, 4, 4]
+    # 8 stages x 2 replicas (devices d and 3-d): one all-reduce interval per chunk
+    assert len([e for e in r.events if e.kind == "SYNC"]) == 16
+    assert r.local_handoffs == 4 * 2  # the V turn of each micro-batch, forward and backward
