@@ -3,9 +3,12 @@
 Every backward is split into I (input gradient, on the critical path) and W (weight gradient, needed only
 by the optimizer). A list schedule with the given costs runs I and F in the paper's deepest-stage-first
 order and defers W into the gaps where a device would otherwise wait; a device that holds
-``inflight * D`` deferred W's runs the oldest one first, which bounds the activations kept alive. The
+``inflight * D`` deferred W's runs the oldest one first, which bounds the activations kept alive, and
+micro-batch m enters once micro-batch m - inflight * D has left stage 0. The
 generator also times the published order (each B as I then W) under the same costs and returns whichever
-is faster, so its makespan is never worse than ``bitpipe-paper``'s under those costs.
+is faster (on a tie the published order, which keeps fewer activations), so its makespan is never worse
+than ``bitpipe-paper``'s under those costs. By default it also tries two units of D micro-batches in
+flight, which keeps the idle time flat in N when B = 3F at the price of more activation memory.
 """
 
 from __future__ import annotations
@@ -42,27 +45,32 @@ def bitpipe(
     forward: float = 1.0,
     backward: float = 2.0,
     weight_fraction: float = 0.5,
-    inflight: int = 1,
+    inflight: int | None = None,
 ) -> Program:
-    """BitPipe with I/W split and deferred W, tuned for per-chunk costs ``forward`` and ``backward``."""
+    """BitPipe with I/W split and deferred W, tuned for per-chunk costs ``forward`` and ``backward``.
+
+    ``inflight`` is the number of D-micro-batch units in flight (1 = the paper's activation budget); None
+    tries 1 and 2 and keeps the faster (the smaller on a tie).
+    """
     check_bitpipe("bitpipe", devices, microbatches)
-    if not isinstance(inflight, int) or inflight < 1:
-        raise ScheduleError(f"bitpipe inflight must be a positive integer (units of D micro-batches), got {inflight!r}")
+    if inflight is not None and (not isinstance(inflight, int) or inflight < 1):
+        raise ScheduleError(
+            f"bitpipe inflight must be a positive integer (units of D micro-batches) or None, got {inflight!r}"
+        )
     costs = UnitCosts(forward, backward, weight_fraction)
     place = bitpipe_placement(devices)
     pipe_of = bitpipe_pipe_of(devices, microbatches)
-    greedy = list_schedule(
-        place,
-        pipe_of,
-        _deferred_w,
-        costs,
-        split=True,
-        admit=after_slot_frees(inflight * devices),
-        max_deferred_w=inflight * devices,
-    )
-    candidates = [
-        [[t.action for t in timed] for timed in greedy],
-        [[x for t in timed for x in _split(t.action)] for timed in paper_order(devices, microbatches)],
-    ]
-    best = min(candidates, key=lambda orders: makespan(place, orders, costs))
+    candidates = [[[x for t in timed for x in _split(t.action)] for timed in paper_order(devices, microbatches)]]
+    for units in (1, 2) if inflight is None else (inflight,):
+        timed = list_schedule(
+            place,
+            pipe_of,
+            _deferred_w,
+            costs,
+            split=True,
+            admit=after_slot_frees(units * devices),
+            max_deferred_w=units * devices,
+        )
+        candidates.append([[t.action for t in dev] for dev in timed])
+    best = min(candidates, key=lambda orders: makespan(place, orders, costs))  # first of the fastest
     return assemble("bitpipe", place, pipe_of, best)
