@@ -1,0 +1,257 @@
+"""`bitpipe-fx train` and `bitpipe-fx demo`: the main job, a real pipelined training run end to end.
+
+Everything is checked before a process starts (schedule and device constraints, batch shape, corpus,
+checkpoint); then the run goes one of three ways, with nothing to change in the command:
+
+- plain ``bitpipe-fx train ...``: D x data-parallel local processes through ``bitpipe_fx.runtime.launch``
+  (gloo on CPU; NCCL when there is a GPU per process), one thread each;
+- under ``torchrun --nproc-per-node D ...``: this process is one rank (GPU when there is one per process);
+- with ``--local``: one process runs every device (the local executor; for debugging).
+
+The output folder (``--out``) gets plan.json, loss.png, timeline.png/.json (a measured step next to the
+simulator's prediction), metrics.json and checkpoint/ (``--resume`` continues from it). ``demo`` is ``train``
+with a preset that finishes in a few minutes on two CPU cores and also checks the losses against the same
+model trained without pipelining.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from bitpipe_fx.errors import ConfigError
+from bitpipe_fx.job import DTYPES, OPTIMIZERS, TrainConfig, check, factory_target
+
+# `bitpipe-fx demo`: a GPT-style byte-level LM on the standard library's source, bitpipe on 4 local processes
+DEMO = {
+    "steps": 150, "eval_every": 25, "compare_steps": 3, "out": "runs/demo", "arg": ["dim=96", "layers=8", "heads=4"],
+}
+
+
+def under_torchrun() -> bool:
+    """True in a process started by torchrun (or any launcher that sets the torch.distributed environment)."""
+    env = os.environ
+    return "TORCHELASTIC_RUN_ID" in env or all(k in env for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR"))
+
+
+def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
+    """Register `train` or `demo` (the same arguments; demo has the preset defaults)."""
+    helps = {
+        "train": "train a model with a pipeline schedule on local processes or under torchrun",
+        "demo": "a few-minute pipelined training run on local CPU processes, with its pictures",
+    }
+    p = subparsers.add_parser(name, help=helps[name], description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = TrainConfig()
+    p.add_argument("--model", default=d.model, help="gpt, bert, or MODULE:FACTORY returning (model, example_inputs)")
+    p.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="model factory keyword argument (repeatable), e.g. --arg layers=12 --arg dim=256")
+    p.add_argument("--task", default=None, help="lm (causal) or mlm (masked); default: from the model's inputs")
+    p.add_argument("--schedule", default=d.schedule, help="schedule name, NAME:key=value for options (default bitpipe)")
+    p.add_argument("--devices", "-d", type=int, default=d.devices, help="pipeline devices D (default 4)")
+    p.add_argument("--microbatches", "-n", type=int, default=d.microbatches, help="micro-batches N per step (8)")
+    p.add_argument("--data-parallel", type=int, default=d.data_parallel, help="pipeline replicas (default 1)")
+    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps in total (default 200)")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per step, all micro-batches (16)")
+    p.add_argument("--seq-len", type=int, default=None, help="bytes per sequence (64)")
+    p.add_argument("--optimizer", default=d.optimizer, help=f"{' | '.join(OPTIMIZERS)} (default sf-adamw)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 3e-3; 0.5 for sf-sgd)")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="linear warm-up steps (default 10)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--dtype", default=d.dtype, help=f"{' | '.join(DTYPES)} (default float32)")
+    p.add_argument("--seed", type=int, default=d.seed, help="model weights and data order (default 0)")
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help="text file or directory to train on (default: the Python standard library's source)")
+    p.add_argument("--max-bytes", type=int, default=d.max_bytes, help="read at most this much text (16 MiB)")
+    p.add_argument("--out", default=d.out, help="output folder (default runs/train)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--eval-every", type=int, default=None, help="validate every K steps (default steps/10)")
+    p.add_argument("--eval-batches", type=int, default=d.eval_batches, help="validation batches (default 4)")
+    p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every K steps and at the end")
+    p.add_argument("--record-step", type=int, default=None, help="step whose timeline is recorded (default 3rd)")
+    p.add_argument("--compare-steps", type=int, default=d.compare_steps,
+                   help="afterwards, train K steps without pipelining and compare the losses (demo: 3)")
+    p.add_argument("--local", action="store_true", help="run every device in this one process (debugging)")
+    p.add_argument("--cpu", action="store_true", help="stay on the CPU even when GPUs are present")
+    p.add_argument("--threads", type=int, default=d.threads, help="torch threads per process (default 1)")
+    p.add_argument("--timeout", type=float, default=d.timeout, help="seconds before a stalled rank is an error")
+    if name == "demo":
+        p.set_defaults(**DEMO)
+    p.set_defaults(func=lambda args: run(config_from_args(args), name))
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig the command line asks for (not yet checked)."""
+    from bitpipe_fx.passes.command import parse_kwargs
+    from bitpipe_fx.sim.command import parse_schedule
+
+    schedule, options = parse_schedule(args.schedule)
+    return TrainConfig(
+        model=args.model, model_args=tuple(sorted(parse_kwargs(args.arg).items())), task=args.task,
+        schedule=schedule, schedule_options=tuple(sorted(options.items())), devices=args.devices,
+        microbatches=args.microbatches, data_parallel=args.data_parallel, steps=args.steps,
+        batch_size=args.batch_size, seq_len=args.seq_len, optimizer=args.optimizer, lr=args.lr, warmup=args.warmup,
+        weight_decay=args.weight_decay, dtype=args.dtype, seed=args.seed, data=args.data, max_bytes=args.max_bytes,
+        out=args.out, resume=args.resume, eval_every=args.eval_every, eval_batches=args.eval_batches,
+        save_every=args.save_every, record_step=args.record_step, compare_steps=args.compare_steps,
+        local=args.local, cpu=args.cpu, threads=args.threads, timeout=args.timeout,
+    )
+
+
+def _backend(cfg: TrainConfig, per_node: int) -> str:
+    import torch
+
+    return "nccl" if not cfg.cpu and torch.cuda.is_available() and torch.cuda.device_count() >= per_node else "gloo"
+
+
+def prepare(cfg: TrainConfig) -> tuple[TrainConfig, Any, Any, Any]:
+    """Check everything a run needs before any process starts; returns (resolved config, model, example,
+    corpus). Raises ConfigError / ScheduleError with one clear line."""
+    check(cfg)
+    factory_target(cfg.model)
+    from bitpipe_fx.data import Batches, load_corpus
+    from bitpipe_fx.job import build_model, resolve
+
+    model, example = build_model(cfg)
+    cfg = resolve(cfg, example)
+    if cfg.task not in ("lm", "mlm"):
+        raise ConfigError(f"--task {cfg.task!r} is unknown; use lm or mlm")
+    corpus = load_corpus(cfg.data, cfg.max_bytes)
+    Batches(corpus, cfg.task, cfg.batch_size, cfg.seq_len, cfg.seed)
+    if under_torchrun():
+        world = int(os.environ["WORLD_SIZE"])
+        if world != cfg.processes:
+            raise ConfigError(
+                f"torchrun started {world} processes but --devices {cfg.devices} x --data-parallel "
+                f"{cfg.data_parallel} needs {cfg.processes}; use --nproc-per-node/--nnodes giving {cfg.processes}"
+            )
+    try:
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the output folder {cfg.out!r} ({exc}); pass a writable --out") from exc
+    return cfg, model, example, corpus
+
+
+def run(cfg: TrainConfig, command: str = "train") -> int:
+    """Check, then train on local processes, under torchrun, or in one process; rank 0 reports."""
+    from bitpipe_fx.checkpoint import History, check_resume
+
+    torchrun = under_torchrun()
+    rank = int(os.environ.get("RANK", "0")) if torchrun else 0
+    cfg, model, example, corpus = prepare(cfg)
+    start, history = check_resume(cfg) if cfg.resume else (0, History())
+    say = print if rank == 0 else (lambda *a, **k: None)
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", cfg.processes)) if torchrun else cfg.processes
+    backend = _backend(cfg, per_node)
+    say(_header(cfg, command, model, corpus, torchrun, backend, start), flush=True)
+    plan_path = None
+    if not torchrun:
+        from bitpipe_fx.plan import build_plan
+
+        plan, _ = build_plan(model, example, cfg.schedule, cfg.devices, cfg.microbatches, **dict(cfg.schedule_options))
+        plan_path = str(Path(cfg.out) / "plan.json")
+        plan.save(plan_path)
+        say(plan.summary(), flush=True)
+    del model, example
+    from bitpipe_fx.trainer import worker
+
+    if cfg.local:
+        result = worker(cfg, plan_path, start, history)
+    elif torchrun:
+        result = _torchrun(cfg, backend, plan_path, start, history)
+    else:
+        from bitpipe_fx.runtime.launch import launch
+
+        say(f"starting {cfg.processes} local processes ({backend}, {cfg.threads} thread(s) each) ...", flush=True)
+        result = launch(worker, cfg.processes, backend, (cfg, plan_path, start, history), timeout=cfg.timeout,
+                        threads=cfg.threads)[0]
+    return finish(cfg, result, start) if rank == 0 else 0
+
+
+def _torchrun(cfg: TrainConfig, backend: str, plan_path: str | None, start: int, history: Any) -> Any:
+    import torch.distributed as dist
+
+    from bitpipe_fx.trainer import device_for, worker
+
+    device_for(backend, cfg.cpu)
+    dist.init_process_group(backend, timeout=timedelta(seconds=cfg.timeout))
+    try:
+        return worker(cfg, plan_path, start, history)
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _header(cfg: TrainConfig, command: str, model: Any, corpus: Any, torchrun: bool, backend: str, start: int) -> str:
+    params = sum(p.numel() for p in model.parameters())
+    where = ("this torchrun rank" if torchrun else "one process (--local)" if cfg.local
+             else f"{cfg.processes} local processes")
+    schedule = cfg.schedule + "".join(f":{k}={v}" for k, v in cfg.schedule_options)
+    rows = cfg.rows_per_microbatch
+    lines = [
+        f"bitpipe-fx {command}: {type(model).__name__} ({params / 1e6:.2f} M parameters, {cfg.dtype}), task "
+        f"{cfg.task}, on {corpus.describe()}",
+        f"  schedule {schedule}: D={cfg.devices} devices x data-parallel {cfg.data_parallel}, N={cfg.microbatches} "
+        f"micro-batches of {rows} x {cfg.seq_len} bytes; {cfg.optimizer} lr {cfg.lr:g}; steps "
+        f"{start + 1}..{cfg.steps}; {where}, {backend}; output {cfg.out}/",
+    ]
+    return "\n".join(lines)
+
+
+def finish(cfg: TrainConfig, result: Any, start: int) -> int:
+    """Write loss.png, timeline files and metrics.json; print the bubbles and the reference check."""
+    from bitpipe_fx.plan import Plan
+    from bitpipe_fx.report import compare_timelines, plot_losses, write_timeline_files
+
+    out = Path(cfg.out)
+    history = result.history
+    plan = Plan.from_json(result.plan_json)
+    metrics: dict[str, Any] = {"config": cfg.to_dict(), "parameters": result.parameters, **history.to_dict()}
+    last_val = history.val[-1][1] if history.val else float("nan")
+    print(f"done: step {history.step}, train loss {history.losses[0]:.4f} (step 1) -> {history.losses[-1]:.4f}, "
+          f"validation loss {last_val:.4f}; median {_median(history.tokens_per_s[start:]):,.0f} tokens/s")
+    title = (f"{plan.model} on {Path(cfg.data).name if cfg.data else 'the Python standard library'}: "
+             f"{cfg.schedule}, D={cfg.devices}, N={cfg.microbatches}, {cfg.optimizer}")
+    written = [plot_losses(out / "loss.png", history.losses, history.val, title)]
+    if result.timeline:
+        timeline = compare_timelines(plan, result.timeline, result.record_step)
+        meta = {"schedule": cfg.schedule, "devices": cfg.devices, "microbatches": cfg.microbatches}
+        written += write_timeline_files(out, timeline, meta)
+        print(timeline.describe())
+        metrics["timeline"] = {"step": timeline.step, "measured_bubble": timeline.measured_bubble,
+                               "predicted_bubble": timeline.predicted_bubble,
+                               "measured_makespan_s": timeline.measured_makespan}
+    status = 0
+    if cfg.compare_steps:
+        from bitpipe_fx.reference import compare
+
+        agreement = compare(cfg, history.losses, cfg.compare_steps)
+        print(agreement.describe())
+        metrics["reference"] = {"pipelined": agreement.pipelined, "reference": agreement.reference,
+                                "max_rel_diff": agreement.max_rel_diff, "agree": agreement.agree}
+        status = 0 if agreement.agree else 1
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    names = ", ".join(p.name for p in [*written, out / "metrics.json", out / "plan.json"])
+    print(f"wrote {out}/: {names}, checkpoint/ (continue with --resume --steps N)")
+    return status
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2] if ordered else 0.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``bitpipe-fx train`` as a function (what examples/train.py calls)."""
+    from bitpipe_fx.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+__all__ = ["DEMO", "add_parser", "config_from_args", "finish", "main", "prepare", "run", "under_torchrun"]

@@ -1,0 +1,172 @@
+"""The body of every rank of a training run: compile, train with progress and validation, checkpoint.
+
+Every rank runs the same loop (each holding its stages); losses come back all-reduced, so every rank
+keeps the same history and rank 0 alone prints and returns it. Order within step k, which keeps a resumed
+run identical to an uninterrupted one: train; validate when k is a multiple of ``eval_every``; save when
+due; then, at the last step only, a final validation (after the save, so it never shapes a checkpoint:
+Schedule-Free's switch to the averaged weights and back is not bit-exact).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from bitpipe_fx import checkpoint
+from bitpipe_fx.checkpoint import History
+from bitpipe_fx.data import Batches, load_corpus, to_device
+from bitpipe_fx.job import TrainConfig, build_model, loss_fn, optimizer_factory
+from bitpipe_fx.sim.trace import TraceEvent
+
+
+@dataclass(frozen=True)
+class RankResult:
+    """What rank 0 hands back: the whole history, the recorded step's timeline and the plan it ran."""
+
+    history: History
+    record_step: int
+    timeline: tuple[TraceEvent, ...]
+    plan_json: str
+    parameters: int
+
+
+def record_step(cfg: TrainConfig, start: int) -> int:
+    """The step whose timeline is recorded: the third of this run (warmed up), or its last."""
+    return cfg.record_step if cfg.record_step is not None else min(cfg.steps, start + 3)
+
+
+def device_for(backend: str | None, cpu: bool) -> torch.device:
+    """cuda:LOCAL_RANK on an NCCL run, else the CPU."""
+    if backend == "nccl" and not cpu:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+class Progress:
+    """tqdm bar on a terminal; on anything else, one plain line per validation (no carriage-return spam)."""
+
+    def __init__(self, total: int, start: int, enabled: bool) -> None:
+        self.enabled, self.total = enabled, total
+        self.tty = enabled and sys.stderr.isatty()
+        self.bar = None
+        self.t0, self.start = time.perf_counter(), start
+        if self.tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
+                            mininterval=0.25)
+        self.last = ""
+
+    def step(self, k: int, loss: float, tokens_per_s: float) -> None:
+        self.last = f"loss {loss:.4f}, {tokens_per_s:,.0f} tok/s"
+        if self.bar is not None:
+            self.bar.set_postfix_str(self.last, refresh=False)
+            self.bar.update(1)
+
+    def write(self, k: int, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(f"step {k}: {text}")
+            return
+        done = k - self.start
+        eta = (time.perf_counter() - self.t0) / done * (self.total - k) if done else 0.0
+        print(f"step {k:>5}/{self.total}  {self.last}  {text}  ETA {eta:4.0f} s", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _rank() -> tuple[int, int, str | None]:
+    """(rank, world size, backend) of this process; (0, 1, None) without torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), str(dist.get_backend())
+    return 0, 1, None
+
+
+def _slice(batch: Any, index: int, parts: int) -> Any:
+    """This data-parallel rank's rows of a global batch."""
+    if isinstance(batch, torch.Tensor):
+        return batch.tensor_split(parts)[index]
+    return type(batch)(_slice(b, index, parts) for b in batch)
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def worker(cfg: TrainConfig, plan_path: str | None, start: int, history: History) -> RankResult | None:
+    """Train ``cfg`` from step ``start`` (loading its checkpoint when > 0); rank 0 returns the result."""
+    import bitpipe_fx as bp
+
+    torch.set_num_threads(cfg.threads)
+    rank, _, backend = _rank()
+    device = device_for(backend, cfg.cpu)
+    torch.manual_seed(cfg.seed)
+    model, example = build_model(cfg)
+    model, example = model.to(device), to_device(example, device)
+    parameters = sum(p.numel() for p in model.parameters())
+    batches = Batches(load_corpus(cfg.data, cfg.max_bytes), cfg.task, cfg.batch_size, cfg.seq_len, cfg.seed)
+    pipe = bp.compile(model, example, loss_fn, cfg.schedule, cfg.devices, cfg.microbatches,
+                      optimizer=optimizer_factory(cfg), data_parallel=cfg.data_parallel, plan=plan_path,
+                      timeout=cfg.timeout, **dict(cfg.schedule_options))
+    del model
+    pipe.train()
+    if rank == 0 and plan_path is None:
+        pipe.plan.save(Path(cfg.out) / "plan.json")
+        print(pipe.plan.summary(), flush=True)
+    if start:
+        state = checkpoint.load_rank(cfg.out, start, rank, device)
+        pipe.load_state_dict(state["pipe"])
+        torch.set_rng_state(state["rng"])
+    dp_index = rank // cfg.devices if pipe.distributed else 0
+
+    def batch(data: Any) -> Any:
+        return to_device(_slice(data, dp_index, cfg.data_parallel), device)
+
+    val_batches = [(batch(x), batch(y)) for x, y in batches.validation(cfg.eval_batches)]
+    recorded, timeline = record_step(cfg, start), ()
+    progress = Progress(cfg.steps, start, rank == 0)
+    tokens = cfg.batch_size * cfg.seq_len
+
+    def validate(k: int) -> None:
+        pipe.eval()
+        loss = sum(pipe.evaluate(x, y) for x, y in val_batches) / len(val_batches)
+        pipe.train()
+        history.val.append((k, loss))
+        progress.write(k, f"validation loss {loss:.4f}")
+
+    for k in range(start + 1, cfg.steps + 1):
+        inputs, targets = batches.train(k)
+        t0 = time.perf_counter()
+        loss = pipe.step(batch(inputs), batch(targets), record=k == recorded)
+        elapsed = time.perf_counter() - t0
+        history.losses.append(loss)
+        history.tokens_per_s.append(tokens / elapsed)
+        progress.step(k, loss, tokens / elapsed)
+        if k == recorded:
+            timeline = tuple(pipe.last_timeline)
+        if k % cfg.eval_every == 0:
+            validate(k)
+        if (cfg.save_every and k % cfg.save_every == 0) or k == cfg.steps:
+            checkpoint.save_rank(cfg.out, k, rank, {"pipe": pipe.state_dict(), "rng": torch.get_rng_state()})
+            _barrier()
+            if rank == 0:
+                checkpoint.commit(cfg.out, k, cfg, history)
+        if k == cfg.steps and k % cfg.eval_every:
+            validate(k)
+    progress.close()
+    if rank != 0:
+        return None
+    return RankResult(history, recorded, timeline, pipe.plan.to_json(), parameters)
