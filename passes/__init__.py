@@ -8,7 +8,7 @@ from __future__ import annotations
 from bitpipe_fx.passes.capture import Captured, capture, compute_nodes
 from bitpipe_fx.passes.cost import CostTable, NodeCost, StageCost, estimate_costs
 from bitpipe_fx.passes.partition import Partition, partition
-from bitpipe_fx.passes.split import split
+from bitpipe_fx.passes.split import run_stages, split
 from bitpipe_fx.passes.stages import SplitModel, StageSpec
 
 __all__ = [
@@ -23,5 +23,6 @@ __all__ = [
     "compute_nodes",
     "estimate_costs",
     "partition",
+    "run_stages",
     "split",
 ]

@@ -383,7 +383,7 @@ def _user_frame(exc: BaseException) -> str:
     frames = [
         f
         for f in traceback.extract_tb(exc.__traceback__)
-        if not f.filename.startswith((_TORCH_DIR, _OWN_DIR)) and "site-packages/torch" not in f.filename
+        if not f.filename.startswith((_TORCH_DIR, _OWN_DIR, "<")) and "site-packages/torch" not in f.filename
     ]
     if not frames:
         return ""

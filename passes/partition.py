@@ -2,17 +2,25 @@
 
 A device's load is the sum, over the (pipe, stage) chunks the placement gives it, of the stage's cost times
 the micro-batches that pipe carries (a bitpipe device holds four chunks, a V-shape device two, a 1F1B device
-one). The search minimises the slowest device's load, then the spread of loads (sum of squares), starting
-from cuts at equal shares of the total and moving one cut at a time to its best position (coordinate
-descent; every move strictly improves, so it terminates). A second pass then minimises the bytes crossing
-the cuts while keeping the slowest device within ``balance_tolerance`` of the optimum found. Integer
-arithmetic throughout, and ties broken by position, so every rank computes the same cuts.
+one); the first and last stages keep whatever the graph starts and ends with (embedding, LM head).
+
+Objective, lexicographic: the slowest device's load, then the spread of stage loads (sum of squares). When
+there are at most ``_EXHAUSTIVE`` ways to place the cuts, every one is tried (exact). Otherwise a local search
+runs from two starts (the cuts that minimise the largest stage exactly, found by binary search, and cuts at
+equal shares of the work): it moves one cut, two cuts, or a run of cuts at a time while that strictly
+improves the key. With one stage per device the first start is already optimal; with several chunks per
+device the result is a local optimum (within 5% of the brute-force optimum on the random graphs of the
+tests). A second phase then minimises the bytes crossing the cuts among cuts that keep the slowest device
+and the largest stage within ``balance_tolerance`` of the first phase. Integer arithmetic and position
+tie-breaks make it deterministic, so every rank computes the same cuts.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import combinations
+from math import comb
 
 import numpy as np
 
@@ -21,6 +29,8 @@ from bitpipe_fx.passes.cost import CostTable
 from bitpipe_fx.schedules.ir import Placement, linear_placement
 
 _MAX_SWEEPS = 200
+_EXHAUSTIVE = 20_000  # up to this many cut combinations, try them all (exact)
+_PAIR_WINDOW = 3  # a pair move shifts two cuts by up to this many valid positions each
 
 
 @dataclass(frozen=True)
@@ -79,10 +89,15 @@ def partition(
     prefix = np.concatenate([[0], np.cumsum(w)])
     crossing = np.array((0, *costs.crossing_bytes), dtype=np.int64)  # crossing[b] for boundary b
     search = _Search(prefix, coef, crossing, valid)
-    cuts = search.bottleneck_cuts(num_stages)
-    cuts = search.descend(cuts)
+    small = comb(len(valid), num_stages - 1) <= _EXHAUSTIVE
+    if small:
+        cuts = search.exhaustive(num_stages)
+    else:
+        starts = (search.bottleneck_cuts(num_stages), search.equal_share_cuts(num_stages))
+        cuts = min((search.descend(c) for c in starts), key=search.rank)
     peak, largest = search.peaks(cuts)
-    cuts = search.descend(cuts, limits=(int(peak * (1 + balance_tolerance)), int(largest * (1 + balance_tolerance))))
+    limits = (int(peak * (1 + balance_tolerance)), int(largest * (1 + balance_tolerance)))
+    cuts = search.exhaustive(num_stages, limits) if small else search.descend(cuts, limits)
     bounds = np.array((0, *cuts, m))
     stage_loads = np.diff(prefix[bounds])
     return Partition(
@@ -149,48 +164,93 @@ class _Search:
         assert cuts is not None
         return cuts
 
+    def equal_share_cuts(self, num_stages: int) -> np.ndarray:
+        """Cuts at the valid boundaries nearest to k/S of the total work, kept strictly increasing."""
+        total = int(self.prefix[-1])
+        at = self.prefix[self.valid] * num_stages
+        index: list[int] = []
+        for k in range(1, num_stages):
+            lo = index[-1] + 1 if index else 0
+            hi = len(self.valid) - (num_stages - 1 - k)
+            index.append(lo + int(np.argmin(np.abs(at[lo:hi] - total * k))))
+        return self.valid[np.array(index, dtype=np.int64)]
+
+    def rank(self, cuts: np.ndarray) -> tuple[int, float, tuple[int, ...]]:
+        """Order of finished searches: slowest device, then spread of stage loads, then positions."""
+        stage = self.stage_loads(cuts)
+        return int((self.coef @ stage).max()), float((stage.astype(np.float64) ** 2).sum()), tuple(cuts.tolist())
+
     def descend(self, cuts: np.ndarray, limits: tuple[int, int] | None = None) -> np.ndarray:
-        """Move one cut at a time to its best valid position until no move improves the key.
+        """Local search: move one cut, or two cuts within ``_PAIR_WINDOW`` valid positions each, to the
+        best position until no move improves the key.
 
         Without limits the key is (slowest device's load, sum of squared stage loads); with limits
-        (device, stage) it is (total bytes crossing the cuts, slowest device, sum of squares) among positions
-        that keep the slowest device and the largest stage within the limits.
+        (device, stage) it is (total bytes crossing the cuts, slowest device, sum of squares) among cuts that
+        keep the slowest device and the largest stage within the limits.
         """
-        cuts = cuts.copy()
+        index = np.searchsorted(self.valid, cuts)  # cuts as indices into the valid boundaries
         for _ in range(_MAX_SWEEPS):
             moved = False
-            for i in range(len(cuts)):
-                best = self._best_position(cuts, i, limits)
-                if best != cuts[i]:
-                    cuts[i] = best
-                    moved = True
+            for i in range(len(index)):
+                lo = index[i - 1] + 1 if i > 0 else 0
+                hi = index[i + 1] if i + 1 < len(index) else len(self.valid)
+                cand = np.repeat(index[None, :], hi - lo, axis=0)
+                cand[:, i] = np.arange(lo, hi)
+                moved |= self._take_best(index, cand, limits)
+            if not moved:
+                moved = self._pair_and_shift_moves(index, limits)
             if not moved:
                 break
-        return cuts
+        return self.valid[index]
 
-    def _best_position(self, cuts: np.ndarray, i: int, limits: tuple[int, int] | None) -> int:
-        left = cuts[i - 1] if i > 0 else 0
-        right = cuts[i + 1] if i + 1 < len(cuts) else self.m
-        cand = self.valid[(self.valid > left) & (self.valid < right)]
-        stage = self.stage_loads(cuts)
-        # only stages i (ends at cut i) and i+1 (starts at cut i) change with the candidate position
-        before = self.prefix[cand] - self.prefix[left]
-        after = self.prefix[right] - self.prefix[cand]
-        rest = self.coef @ stage - self.coef[:, i] * stage[i] - self.coef[:, i + 1] * stage[i + 1]
-        loads = rest[:, None] + self.coef[:, i : i + 1] * before[None, :] + self.coef[:, i + 1 : i + 2] * after[None]
-        peak = loads.max(axis=0)
-        others = float((stage.astype(np.float64) ** 2).sum() - float(stage[i]) ** 2 - float(stage[i + 1]) ** 2)
-        spread = others + before.astype(np.float64) ** 2 + after.astype(np.float64) ** 2
-        current = int(np.searchsorted(cand, cuts[i]))
+    def _pair_and_shift_moves(self, index: np.ndarray, limits: tuple[int, int] | None) -> bool:
+        """Moves one cut at a time cannot make: two cuts at once (each within ``_PAIR_WINDOW`` positions),
+        and a run of consecutive cuts shifted together (stages handing work down a chain)."""
+        moved = False
+        offsets = np.arange(-_PAIR_WINDOW, _PAIR_WINDOW + 1)
+        a, b = (x.ravel() for x in np.meshgrid(offsets, offsets, indexing="ij"))
+        n = len(index)
+        for i in range(n):
+            for j in range(i + 1, n):
+                pairs = np.repeat(index[None, :], a.size, axis=0)
+                pairs[:, i] += a
+                pairs[:, j] += b
+                runs = np.repeat(index[None, :], offsets.size, axis=0)
+                runs[:, i : j + 1] += offsets[:, None]
+                cand = np.concatenate([pairs, runs])
+                ok = (cand[:, 0] >= 0) & (cand[:, -1] < len(self.valid)) & (np.diff(cand, axis=1) > 0).all(axis=1)
+                moved |= self._take_best(index, cand[ok], limits)
+        return moved
+
+    def _score(self, rows: np.ndarray, limits: tuple[int, int] | None) -> tuple[np.ndarray, ...]:
+        """(traffic, peak, spread, allowed) of each row of cut indices; traffic is 0 without limits."""
+        cuts = self.valid[rows]
+        bounds = np.concatenate([np.zeros((len(rows), 1), np.int64), cuts, np.full((len(rows), 1), self.m)], axis=1)
+        stage = np.diff(self.prefix[bounds], axis=1)
+        peak = (stage @ self.coef.T).max(axis=1)
+        spread = (stage.astype(np.float64) ** 2).sum(axis=1)
         if limits is None:
-            traffic = np.zeros(len(cand), dtype=np.int64)
-            allowed = np.ones(len(cand), dtype=bool)
-        else:
-            traffic = self.crossing[cand]
-            allowed = (peak <= limits[0]) & (np.maximum(before, after) <= max(limits[1], int(stage.max())))
-        allowed[current] = True
-        order = np.lexsort((cand, spread, peak, traffic))
+            return np.zeros(len(rows), dtype=np.int64), peak, spread, np.ones(len(rows), dtype=bool)
+        allowed = (peak <= limits[0]) & (stage.max(axis=1) <= limits[1])
+        return self.crossing[cuts].sum(axis=1), peak, spread, allowed
+
+    def exhaustive(self, num_stages: int, limits: tuple[int, int] | None = None) -> np.ndarray:
+        """The best cuts over every combination of valid boundaries (small graphs only)."""
+        rows = np.array(list(combinations(range(len(self.valid)), num_stages - 1)), dtype=np.int64)
+        rows = rows.reshape(len(rows), num_stages - 1)
+        traffic, peak, spread, allowed = self._score(rows, limits)
+        order = np.lexsort((np.arange(len(rows)), spread, peak, traffic))
+        return self.valid[rows[next(j for j in order if allowed[j])]]
+
+    def _take_best(self, index: np.ndarray, cand: np.ndarray, limits: tuple[int, int] | None) -> bool:
+        """Replace ``index`` (in place) by the best candidate row if that strictly improves the key."""
+        rows = np.concatenate([index[None, :], cand])  # row 0: the current cuts
+        traffic, peak, spread, allowed = self._score(rows, limits)
+        allowed[0] = True
+        order = np.lexsort((np.arange(len(rows)), spread, peak, traffic))
         best = int(next(j for j in order if allowed[j]))
-        key_best, key_now = (traffic[best], peak[best]), (traffic[current], peak[current])
-        better = key_best < key_now or (key_best == key_now and spread[best] < spread[current] * (1.0 - 1e-12))
-        return int(cand[best]) if better else int(cuts[i])
+        key_best, key_now = (traffic[best], peak[best]), (traffic[0], peak[0])
+        better = key_best < key_now or (key_best == key_now and spread[best] < spread[0] * (1.0 - 1e-12))
+        if better:
+            index[:] = rows[best]
+        return bool(better)

@@ -76,6 +76,16 @@ def split(captured: Captured, partition: Any) -> SplitModel:
     )
 
 
+def run_stages(split_model: SplitModel, args: tuple, kwargs: dict | None = None) -> Any:
+    """Run the stages one after another in this process (debugging, tests); returns the model's output."""
+    flat = split_model.flatten_inputs(tuple(args), dict(kwargs or {}))
+    model_inputs = dict(zip(split_model.input_names, flat))
+    carried: tuple = ()
+    for stage, spec in zip(split_model.stages, split_model.specs):
+        carried = stage(*(model_inputs[n] for n in spec.model_inputs), *carried)
+    return split_model.unflatten_output(carried)
+
+
 def _build_stage(
     captured: Captured, index: int, own: Sequence[fx.Node], received: Sequence[fx.Node], outputs: Sequence[fx.Node]
 ) -> tuple[fx.GraphModule, StageSpec]:
