@@ -6,13 +6,18 @@ through the middle stages, and reads the model input again in the last stage: th
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from bitpipe_fx.passes.stages import SplitModel, StageSpec
 from bitpipe_fx.schedules.build import assemble
-from bitpipe_fx.schedules.ir import Action, Placement
+from bitpipe_fx.schedules.ir import Action, Placement, Program
 
 
 class Block(nn.Module):
@@ -104,19 +109,145 @@ def naive_program(placement: Placement, pipe_of: tuple[int, ...], split_backward
     return assemble(name, placement, pipe_of, per_device)
 
 
-def reference_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, n: int, loss_fn):
-    """Non-pipelined reference: for m, (loss_fn(model(x_m), y_m) / N).backward(); returns (loss, grads)."""
+def _rows(value: Any, n: int) -> list[Any]:
+    """A tensor or a tuple of tensors split along dim 0 into n parts."""
+    if isinstance(value, torch.Tensor):
+        return list(value.tensor_split(n))
+    return [tuple(part) for part in zip(*(v.tensor_split(n) for v in value))]
+
+
+def reference_grads(model: nn.Module, inputs: Any, targets: Any, n: int, loss_fn: Callable):
+    """Non-pipelined reference: for m, (loss_fn(model(*x_m), y_m) / n).backward(); returns (loss, grads by FQN)."""
     model.zero_grad(set_to_none=True)
     total = 0.0
-    for xm, ym in zip(x.tensor_split(n), y.tensor_split(n)):
-        loss = loss_fn(model(xm), ym) / n
+    for xm, ym in zip(_rows(inputs, n), _rows(targets, n)):
+        loss = loss_fn(model(*(xm if isinstance(xm, tuple) else (xm,))), ym) / n
         loss.backward()
         total += float(loss.detach())
-    return total, {k: p.grad.detach().clone() for k, p in model.named_parameters()}
+    return total, {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
 
 
 def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a-b| / max |b| (0 when both vanish)."""
+    """max |a-b| / max |b| (the absolute difference when b vanishes)."""
     scale = b.abs().max().item()
-    diff = (a - b).abs().max().item()
+    diff = (a.double() - b.double()).abs().max().item()
     return diff / scale if scale > 0 else diff
+
+
+# ---- the numerics contract on example models (used in-process and by spawned ranks) ---------------------
+
+
+@dataclass
+class ModelCase:
+    """A model, its traced micro-batch, its loss, a batch maker, and a way to cut it for a program."""
+
+    name: str
+    model: nn.Module
+    example_inputs: tuple
+    loss_fn: Callable
+    batch: Callable[[int, int], tuple[Any, Any]]  # (rows, seed) -> (inputs, targets)
+    split_for: Callable[[Program], SplitModel]
+
+
+def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return ((out - y) ** 2).mean()
+
+
+def model_case(name: str, dtype: torch.dtype = torch.float64, max_stages: int = 8) -> ModelCase:
+    """"toy" (hand split), "gpt", "bert" (bitpipe_fx.examples) or "hf-gpt2" (transformers, small config).
+
+    Captured once; ``split_for(program)`` partitions and splits for the program's placement.
+    """
+    if name == "toy":
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = Toy(depth=max_stages).to(dtype)
+
+        def toy_batch(rows: int, seed: int) -> tuple[Any, Any]:
+            g = torch.Generator().manual_seed(seed)
+            return torch.randn(rows, 5, generator=g, dtype=dtype), torch.randn(rows, 5, generator=g, dtype=dtype)
+
+        return ModelCase(name, model, (torch.zeros(2, 5, dtype=dtype),), _mse, toy_batch,
+                         lambda program: toy_split(model, program.stages))
+    from bitpipe_fx.examples import models as ex
+    from bitpipe_fx.passes import capture, estimate_costs, partition, split
+
+    if name == "gpt":
+        model, example = ex.gpt(layers=4)
+
+        def batch(rows: int, seed: int) -> tuple[Any, Any]:
+            tokens, targets = ex.lm_batch(128, rows, 16, seed=seed)
+            return (tokens,), targets
+    elif name == "bert":
+        model, example = ex.bert(layers=4)
+
+        def batch(rows: int, seed: int) -> tuple[Any, Any]:
+            tokens, mask, targets = ex.mlm_batch(128, rows, 16, seed=seed)
+            return (tokens, mask), targets
+    elif name == "hf-gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        cfg = GPT2Config(vocab_size=96, n_positions=32, n_embd=32, n_layer=4, n_head=2, resid_pdrop=0.0,
+                         embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False, bos_token_id=0, eos_token_id=0)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = GPT2LMHeadModel(cfg)
+        example = (ex.lm_batch(96, 2, 12, seed=1)[0],)
+
+        def batch(rows: int, seed: int) -> tuple[Any, Any]:
+            tokens, targets = ex.lm_batch(96, rows, 12, seed=seed)
+            return (tokens,), targets
+    else:
+        raise ValueError(f"unknown model case {name!r}")
+    model = model.to(dtype)
+    captured = capture(model, example)
+    costs = estimate_costs(captured)
+
+    def split_for(program: Program) -> SplitModel:
+        per_pipe = [program.pipe_of.count(p) for p in range(program.pipes)]
+        return split(captured, partition(costs, program.placement, pipe_microbatches=per_pipe))
+
+    return ModelCase(name, model, example, ex.lm_loss, batch, split_for)
+
+
+def sgd(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """The contract's optimizer: linear in the gradients, so it does not amplify rounding noise."""
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9)
+
+
+def contract_errors(
+    case: ModelCase, program: Program, data_parallel: int = 1, steps: int = 3, rows_per_microbatch: int = 2,
+    seed: int = 7, **pipe_options: Any,
+) -> dict[str, Any]:
+    """Run the numerics contract for one (model, program): relative errors of the loss, of every gradient
+    this process holds (by FQN) and of the parameters after ``steps`` SGD steps, against the reference.
+
+    Under torch.distributed, this rank's data-parallel shard is its part of the global batch.
+    """
+    import torch.distributed as dist
+
+    from bitpipe_fx.api import CompiledPipeline
+
+    dp_index = dist.get_rank() // program.devices if dist.is_initialized() else 0
+    n = program.microbatches
+    inputs, targets = case.batch(rows_per_microbatch * n * data_parallel, seed)
+    mine = (_rows(inputs, data_parallel)[dp_index], _rows(targets, data_parallel)[dp_index])
+    ref = copy.deepcopy(case.model)
+    pipe = CompiledPipeline(case.split_for(program), program, case.loss_fn, case.example_inputs, optimizer=sgd,
+                            data_parallel=data_parallel, **pipe_options)
+    loss = pipe.forward_backward(*mine)
+    ref_loss, ref_grads = reference_grads(ref, inputs, targets, n * data_parallel, case.loss_fn)
+    grads = pipe.gradients()
+    grad_err = max(max_rel_err(g, ref_grads[k]) for k, g in grads.items())
+    opt = sgd(list(ref.parameters()))
+    for _ in range(steps):
+        pipe.step(*mine)
+        reference_grads(ref, inputs, targets, n * data_parallel, case.loss_fn)
+        opt.step()
+    ref_params = dict(ref.named_parameters())
+    param_err = max(max_rel_err(p.detach(), ref_params[k].detach()) for k, p in pipe.named_parameters().items())
+    return {
+        "model": case.name, "schedule": program.name, "devices": program.devices, "dp": data_parallel,
+        "loss_err": abs(loss - ref_loss) / abs(ref_loss), "grad_err": grad_err, "param_err": param_err,
+        "fqns": sorted(grads), "all_fqns": sorted(ref_grads),
+    }
