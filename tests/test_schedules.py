@@ -234,3 +234,16 @@ def test_placement_helpers_agree_with_expected_tables():
     assert v_placement(4).table == expected_placement("zbv", 4, {})
     assert chimera_placement(4).table == expected_placement("chimera", 4, {})
     assert bitpipe_placement(4).table == expected_placement("bitpipe", 4, {})
+
+
+def test_bitpipe_takes_per_stage_costs_like_the_cost_model():
+    """Unbalanced stages: tuned with the same per-stage costs it is simulated with, bitpipe beats the paper."""
+    devices, n = 4, 8
+    forward = tuple(0.5 + 0.125 * k for k in range(2 * devices))
+    backward = tuple(2.0 * f + (0.5 if k % 3 == 0 else 0.0) for k, f in enumerate(forward))
+    cost = CostModel(forward=forward, backward=backward)
+    ours = simulate(generate("bitpipe", devices, n, forward=forward, backward=list(backward)), cost)
+    paper = simulate(generate("bitpipe-paper", devices, n), cost)
+    assert ours.makespan < paper.makespan
+    with pytest.raises(ScheduleError, match=r"forward costs have 2 entries but the schedule has 8 stages"):
+        generate("bitpipe", devices, n, forward=(1.0, 2.0))

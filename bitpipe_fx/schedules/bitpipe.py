@@ -31,6 +31,11 @@ def _deferred_w(a: Action, ready: float) -> tuple:
     return (a.kind == "W", -a.stage, ready, a.microbatch)
 
 
+def _tuple(value: float | tuple[float, ...] | list[float]) -> float | tuple[float, ...]:
+    """Per-stage costs may come as a list (e.g. from JSON); keep them hashable."""
+    return tuple(value) if isinstance(value, list) else value
+
+
 def _split(a: Action) -> tuple[Action, ...]:
     """A full backward as I then W; anything else unchanged."""
     if a.kind != "B":
@@ -42,12 +47,13 @@ def _split(a: Action) -> tuple[Action, ...]:
 def bitpipe(
     devices: int,
     microbatches: int,
-    forward: float = 1.0,
-    backward: float = 2.0,
+    forward: float | tuple[float, ...] = 1.0,
+    backward: float | tuple[float, ...] = 2.0,
     weight_fraction: float = 0.5,
     inflight: int | None = None,
 ) -> Program:
-    """BitPipe with I/W split and deferred W, tuned for per-chunk costs ``forward`` and ``backward``.
+    """BitPipe with I/W split and deferred W, tuned for the costs of one F and one B (scalars, or one value
+    per stage, as in the simulator's CostModel).
 
     ``inflight`` is the number of D-micro-batch units in flight (1 = the paper's activation budget); None
     tries 1 and 2 and keeps the faster (the smaller on a tie).
@@ -57,7 +63,7 @@ def bitpipe(
         raise ScheduleError(
             f"bitpipe inflight must be a positive integer (units of D micro-batches) or None, got {inflight!r}"
         )
-    costs = UnitCosts(forward, backward, weight_fraction)
+    costs = UnitCosts(_tuple(forward), _tuple(backward), weight_fraction)
     place = bitpipe_placement(devices)
     pipe_of = bitpipe_pipe_of(devices, microbatches)
     candidates = [[[x for t in timed for x in _split(t.action)] for timed in paper_order(devices, microbatches)]]

@@ -19,28 +19,48 @@ Key = tuple[str, int, int, int]  # (kind, pipe, stage, micro-batch); kind "B/I" 
 
 @dataclass(frozen=True)
 class UnitCosts:
-    """Time of one F, one full B, and the W share of B, used only to order actions."""
+    """Time of one F and one full B (scalar, or one value per stage) and the W share of B.
 
-    forward: float = 1.0
-    backward: float = 2.0
+    Used only to order actions; the same shape as the simulator's CostModel so a plan's costs carry over.
+    """
+
+    forward: float | tuple[float, ...] = 1.0
+    backward: float | tuple[float, ...] = 2.0
     weight_fraction: float = 0.5
 
     def __post_init__(self) -> None:
-        if not (self.forward > 0 and self.backward > 0 and 0 < self.weight_fraction < 1):
+        values = [*_as_tuple(self.forward), *_as_tuple(self.backward)]
+        if not (values and all(v > 0 for v in values) and 0 < self.weight_fraction < 1):
             raise ScheduleError(
                 f"unit costs need forward > 0, backward > 0 and 0 < weight_fraction < 1, got "
                 f"forward={self.forward}, backward={self.backward}, weight_fraction={self.weight_fraction}"
             )
 
-    def of(self, kind: str) -> float:
-        """Duration of one action of ``kind``."""
+    def of(self, kind: str, stage: int) -> float:
+        """Duration of one action of ``kind`` on ``stage``."""
         if kind == "F":
-            return self.forward
+            return _at(self.forward, stage)
+        b = _at(self.backward, stage)
         if kind == "B":
-            return self.backward
-        if kind == "W":
-            return self.backward * self.weight_fraction
-        return self.backward * (1 - self.weight_fraction)
+            return b
+        return b * self.weight_fraction if kind == "W" else b * (1 - self.weight_fraction)
+
+    def check_stages(self, stages: int) -> None:
+        """Refuse per-stage tuples whose length is not the program's stage count."""
+        for name, value in (("forward", self.forward), ("backward", self.backward)):
+            if isinstance(value, tuple) and len(value) != stages:
+                raise ScheduleError(
+                    f"{name} costs have {len(value)} entries but the schedule has {stages} stages; give one "
+                    "value per stage or a scalar"
+                )
+
+
+def _as_tuple(value: float | tuple[float, ...]) -> tuple[float, ...]:
+    return value if isinstance(value, tuple) else (value,)
+
+
+def _at(value: float | tuple[float, ...], stage: int) -> float:
+    return value[stage] if isinstance(value, tuple) else value
 
 
 @dataclass(frozen=True)
@@ -105,6 +125,7 @@ def list_schedule(
     bounds the activations kept alive by deferred weight-gradient work.
     """
     stages, devices = placement.stages, placement.devices
+    costs.check_stages(stages)
     back = ("I", "W") if split else ("B",)
     state = State()
     candidates: list[dict[Action, float]] = [{} for _ in range(devices)]  # all inputs started -> ready time
@@ -141,7 +162,7 @@ def list_schedule(
                 a = min(ready)[1]
             del candidates[d][a]
             remaining -= 1
-            free[d] = now + costs.of(a.kind)
+            free[d] = now + costs.of(a.kind, a.stage)
             heapq.heappush(events, free[d])
             orders[d].append(Timed(now, free[d], a))
             keys = [(a.kind, a.pipe, a.stage, a.microbatch)] + ([("B/I", a.pipe, a.stage, a.microbatch)]
@@ -165,6 +186,7 @@ def actions_of(timed: Sequence[Timed]) -> list[Action]:
 def makespan(placement: Placement, orders: Sequence[Sequence[Action]], costs: UnitCosts) -> float:
     """Finish time of fixed per-device orders replayed with ``costs`` (free communication)."""
     stages = placement.stages
+    costs.check_stages(stages)
     done: dict[Key, float] = {}
     pos = [0] * len(orders)
     free = [0.0] * len(orders)
@@ -177,7 +199,7 @@ def makespan(placement: Placement, orders: Sequence[Sequence[Action]], costs: Un
                 need = deps(a, stages)
                 if not all(k in done for k in need):
                     break
-                free[d] = max([free[d], *(done[k] for k in need)]) + costs.of(a.kind)
+                free[d] = max([free[d], *(done[k] for k in need)]) + costs.of(a.kind, a.stage)
                 done[(a.kind, a.pipe, a.stage, a.microbatch)] = free[d]
                 if a.kind in ("B", "I"):
                     done[("B/I", a.pipe, a.stage, a.microbatch)] = free[d]
