@@ -174,11 +174,22 @@ def test_interleaved_bubble(devices, n, v):
     assert report.bubble_ratio == pytest.approx((devices - 1) / (v * n + devices - 1))
 
 
-def test_chimera_basic_unit_bubble():
-    """Chimera's basic unit (N = D, F = B) leaves D-2 idle slots per device out of 2N + D - 2."""
-    for devices in (4, 8):
-        report = simulate(generate("chimera", devices, devices), CostModel(forward=1.0, backward=1.0))
-        assert report.bubble_ratio == pytest.approx((devices - 2) / (2 * devices + devices - 2))
+@pytest.mark.parametrize("devices", [4, 8])
+@pytest.mark.parametrize("units", [1, 2, 4])
+def test_chimera_bubble(devices, units):
+    """Chimera with F = B: D-2 idle slots per device out of 2N + D - 2, for N = D and concatenated units."""
+    n = units * devices
+    program = generate("chimera", devices, n, forward=1.0, backward=1.0)
+    report = simulate(program, CostModel(forward=1.0, backward=1.0))
+    assert report.bubble_ratio == pytest.approx((devices - 2) / (2 * n + devices - 2))
+
+
+def test_chimera_beats_1f1b_with_slower_backward():
+    cost = CostModel(forward=1.0, backward=2.0)
+    for devices, n in ((4, 8), (8, 16), (8, 32)):
+        ours = simulate(generate("chimera", devices, n), cost)
+        assert ours.makespan < simulate(generate("1f1b", devices, n), cost).makespan
+        assert max(ours.peak_activations(d) for d in range(devices)) <= 2 * devices
 
 
 # ---- bitpipe vs the published order ---------------------------------------------------------------

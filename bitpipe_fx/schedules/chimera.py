@@ -1,11 +1,11 @@
 """Chimera (Li & Hoefler, SC'21): two pipes in opposite directions over the same devices, S = D.
 
 The first N/2 micro-batches go down (stage k on device k), the rest up (stage k on device D-1-k). The order
-is Chimera's 1F1B policy as a list schedule with unit costs (F = B): a free device runs a ready backward
-before a ready forward, the deepest stage first. For N = D this is Chimera's basic unit (bubble
-(D-2)/(2N+D-2) with F = B); for N > D basic units are concatenated with at most D micro-batches in flight
-per pipe: the next one enters when the one D before it on that pipe has left stage 0. Forward doubling
-and backward halving are not modelled.
+is a 1F1B-style list schedule under the given costs; each pipe keeps at most D/2 or D micro-batches in
+flight (the next enters when the one D/2 or D before it on that pipe has left stage 0: Chimera's
+concatenation of basic units when N > D). The generator tries backward-first and earliest-ready-first
+policies, each breaking ties by deepest stage or oldest micro-batch, at both window sizes, and keeps the
+fastest. With F = B this gives Chimera's bubble (D-2)/(2N+D-2); forward doubling is not modelled.
 """
 
 from __future__ import annotations
@@ -13,13 +13,31 @@ from __future__ import annotations
 from bitpipe_fx.errors import ScheduleError
 from bitpipe_fx.schedules.build import assemble
 from bitpipe_fx.schedules.ir import Action, Program, chimera_placement
-from bitpipe_fx.schedules.listsched import State, UnitCosts, list_schedule
+from bitpipe_fx.schedules.listsched import Admit, State, UnitCosts, list_schedule, makespan
 from bitpipe_fx.schedules.registry import register
+
+POLICIES = (
+    lambda a, ready: (a.kind != "B", -a.stage, ready, a.microbatch),  # backward first, deepest stage
+    lambda a, ready: (a.kind != "B", ready, a.microbatch),  # backward first, oldest
+    lambda a, ready: (ready, a.kind != "B", -a.stage, a.microbatch),  # earliest ready, deepest stage
+    lambda a, ready: (ready, a.kind != "B", a.microbatch),  # earliest ready, oldest
+)
+
+
+def _window(half: int, lag: int) -> Admit:
+    """The k-th micro-batch of a pipe enters once the (k - lag)-th of that pipe has left stage 0."""
+
+    def admit(a: Action, state: State) -> bool:
+        if a.kind != "F" or a.stage != 0 or a.microbatch % half < lag:
+            return True
+        return state.finished(("B/I", a.pipe, 0, a.microbatch - lag))
+
+    return admit
 
 
 @register("chimera")
-def chimera(devices: int, microbatches: int) -> Program:
-    """Chimera's bidirectional order; D and N must be even."""
+def chimera(devices: int, microbatches: int, forward: float = 1.0, backward: float = 2.0) -> Program:
+    """Chimera's bidirectional order for even D and N, tuned for the costs of one F and one B."""
     if devices % 2:
         raise ScheduleError(
             f"chimera needs an even number of devices, got devices={devices}; use {max(2, devices - 1)} or "
@@ -32,16 +50,12 @@ def chimera(devices: int, microbatches: int) -> Program:
         )
     half = microbatches // 2
     pipe_of = [0] * half + [1] * half
-    lag = devices
-
-    def admit(a: Action, state: State) -> bool:
-        if a.kind != "F" or a.stage != 0 or a.microbatch % half < lag:
-            return True
-        return state.finished(("B/I", a.pipe, 0, a.microbatch - lag))
-
-    def priority(a: Action, ready: float) -> tuple:
-        return (a.kind != "B", -a.stage, ready, a.microbatch)
-
     place = chimera_placement(devices)
-    timed = list_schedule(place, pipe_of, priority, UnitCosts(1.0, 1.0), admit=admit)
-    return assemble("chimera", place, pipe_of, [[t.action for t in dev] for dev in timed])
+    costs = UnitCosts(forward, backward)
+    candidates = [
+        [[t.action for t in dev] for dev in list_schedule(place, pipe_of, policy, costs, admit=_window(half, lag))]
+        for lag in (devices // 2, devices)
+        for policy in POLICIES
+    ]
+    best = min(candidates, key=lambda orders: makespan(place, orders, costs))  # first of the fastest
+    return assemble("chimera", place, pipe_of, best)
