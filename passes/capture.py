@@ -8,9 +8,10 @@ The captured graph is normalised so that every later pass sees one shape of grap
 - the output node returns a flat tuple of tensors; ``unflatten_output`` rebuilds the model's own output
   structure (tensor, tuple, dict, or a Hugging Face ``ModelOutput``) from it.
 
-Train/eval: the model is captured in train mode (so dropout is in the graph), and every dropout reads its
-``training`` flag from the stage module at run time (a ``TrainingFlag`` submodule), so ``stage.eval()``
-really turns dropout off. Other mode-dependent code (e.g. batch-norm statistics) is frozen in train mode.
+Train/eval: the model is captured in train mode (so dropout is in the graph), and every dropout (aten
+dropout ops, and the ``dropout_p`` of scaled dot-product attention) reads its ``training`` flag from the
+stage module at run time (a ``TrainingFlag`` submodule), so ``stage.eval()`` really turns dropout off.
+Other mode-dependent code (e.g. batch-norm statistics) is frozen in train mode.
 Graphs from ``torch.export`` are specialised to the example micro-batch's shapes.
 """
 
@@ -228,8 +229,7 @@ def _rebuild(
             return graph, _finish_output(graph, out), constants
         else:
             new = graph.node_copy(node, lambda x: env[x])
-            if node.op == "call_function" and node.target in _DROPOUT_OPS and len(new.args) >= 3 and new.args[2]:
-                new.args = (*new.args[:2], _training_flag(graph, new))
+            _follow_mode(graph, new)
             env[node] = new
     raise TraceError("captured graph has no output node")
 
@@ -239,6 +239,28 @@ def _is_check(node: fx.Node) -> bool:
     return (node.op == "call_module" and node.target == "_guards_fn") or (
         node.op == "call_function" and node.target in _DROPPED_OPS
     )
+
+
+def _follow_mode(graph: fx.Graph, node: fx.Node) -> None:
+    """Make dropout captured in train mode read the stage module's mode at run time."""
+    if node.op != "call_function":
+        return
+    if node.target in _DROPOUT_OPS and len(node.args) >= 3 and node.args[2] is True:
+        node.args = (*node.args[:2], _training_flag(graph, node))
+    elif node.target is torch.ops.aten.scaled_dot_product_attention.default:
+        p = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
+        if isinstance(p, (int, float)) and p > 0:
+            with graph.inserting_before(node):
+                value = graph.call_function(train_value, (_training_flag(graph, node), float(p), 0.0))
+            if "dropout_p" in node.kwargs:
+                node.kwargs = {**node.kwargs, "dropout_p": value}
+            else:
+                node.args = (*node.args[:4], value, *node.args[5:])
+
+
+def train_value(training: bool, train: float, evaluate: float) -> float:
+    """``train`` in train mode, ``evaluate`` in eval mode (e.g. an attention dropout probability)."""
+    return train if training else evaluate
 
 
 def _training_flag(graph: fx.Graph, before: fx.Node) -> fx.Node:
@@ -276,6 +298,26 @@ def _fetch(module: nn.Module, target: str) -> Any:
     return obj
 
 
+def tree(entries: dict[str, Any]) -> nn.Module:
+    """A module hierarchy holding each value at its dotted path, registered in the given order
+    (so a stage's ``named_parameters()`` follows the original model's order)."""
+    root = nn.Module()
+    for target, value in entries.items():
+        *path, leaf = target.split(".")
+        owner = root
+        for atom in path:
+            if atom not in owner._modules:
+                owner.add_module(atom, nn.Module())
+            owner = getattr(owner, atom)
+        if isinstance(value, nn.Parameter):
+            owner.register_parameter(leaf, value)
+        elif isinstance(value, torch.Tensor):
+            owner.register_buffer(leaf, value)
+        else:
+            owner.add_module(leaf, value)
+    return root
+
+
 def _module(model: nn.Module, graph: fx.Graph, constants: dict[str, torch.Tensor]) -> fx.GraphModule:
     """A GraphModule over ``graph`` holding the original model's tensors and submodules."""
     root: dict[str, Any] = {TRAINING_FLAG: TrainingFlag()}
@@ -284,7 +326,7 @@ def _module(model: nn.Module, graph: fx.Graph, constants: dict[str, torch.Tensor
             root[node.target] = constants[node.target] if node.target in constants else _fetch(model, node.target)
         elif node.op == "call_module" and node.target != TRAINING_FLAG:
             root[node.target] = model.get_submodule(node.target)
-    gm = fx.GraphModule(root, graph, class_name=type(model).__name__ + "Graph")
+    gm = fx.GraphModule(tree(root), graph, class_name=type(model).__name__ + "Graph")
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()

@@ -14,10 +14,11 @@ from collections.abc import Sequence
 from itertools import pairwise
 from typing import Any
 
+import torch
 from torch import fx, nn
 
 from bitpipe_fx.errors import PartitionError
-from bitpipe_fx.passes.capture import TRAINING_FLAG, Captured, TrainingFlag, compute_nodes, is_free
+from bitpipe_fx.passes.capture import TRAINING_FLAG, Captured, TrainingFlag, compute_nodes, is_free, tree
 from bitpipe_fx.passes.stages import SplitModel, StageSpec
 
 
@@ -54,6 +55,13 @@ def split(captured: Captured, partition: Any) -> SplitModel:
         else:
             live = [*carried_in, *own]
             outputs = [n for n in live if last_use[n] > k]
+            for node in outputs:
+                val = node.meta.get("val")
+                if val is not None and not isinstance(val, torch.Tensor):
+                    raise PartitionError(
+                        f"value {node.name!r} ({type(val).__name__}, not a tensor) would cross the boundary after "
+                        f"stage {k}; cut where only tensors are live (CostTable.cuttable)"
+                    )
         stage, spec = _build_stage(captured, k, own, carried_in, outputs)
         stages.append(stage)
         specs.append(spec)
@@ -123,7 +131,7 @@ def _build_stage(
     submodules = [n.target for n in own if n.op == "call_module" and n.target != TRAINING_FLAG]
     for target in submodules:
         root[target] = model.get_submodule(target)
-    stage = fx.GraphModule(root, graph, class_name=f"Stage{index}")
+    stage = fx.GraphModule(tree(root), graph, class_name=f"Stage{index}")
     _restore_buffer_persistence(stage, model, captured)
     stage.train(captured.training)
 
