@@ -110,27 +110,26 @@ class FusedOptimizer(torch.optim.Optimizer):
         kernel.set_inputs(self.inputs(group), group["lr"])
         return kernel
 
-    def _names(self, index: int) -> list[str]:
-        group = self.param_groups[index]
-        return list(group.get("param_names") or [f"param_groups[{index}].params[{j}]" for j in
-                                                  range(len(group["params"]))])
-
     # ---------------------------------------------------------------- the step
-    def _rows(self, index: int) -> tuple[list[tuple[torch.Tensor, ...]], list[str]]:
+    def _rows(self, index: int) -> list[tuple[torch.Tensor, ...]]:
         """(param, grad, *state) of every parameter of group `index` that has a gradient; state created lazily."""
-        rows, names = [], []
-        all_names = self._names(index)
-        for j, p in enumerate(self.param_groups[index]["params"]):
-            if p.grad is None:
+        rows = []
+        keys = self.state_keys
+        for p in self.param_groups[index]["params"]:
+            grad = p.grad
+            if grad is None:
                 continue
-            if p.grad.is_sparse:
-                raise ConfigError(f"{all_names[j]}: sparse gradients are not supported; use dense gradients.")
             state = self.state[p]
             if not state:
                 self.init_state(p, state)
-            rows.append((p, p.grad, *(state[k] for k in self.state_keys)))
-            names.append(all_names[j])
-        return rows, names
+            rows.append((p, grad, *[state[k] for k in keys]))
+        return rows
+
+    def _names_with_grad(self, index: int) -> list[str]:
+        """Names of the parameters of group `index` that have a gradient, in _rows order (for error messages)."""
+        group = self.param_groups[index]
+        names = group.get("param_names") or [f"param_groups[{index}].params[{j}]" for j in range(len(group["params"]))]
+        return [name for name, p in zip(names, group["params"]) if p.grad is not None]
 
     def init_state(self, p: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
         """Zero state in the state dtype (subclasses override what is not zero)."""
@@ -149,8 +148,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for index in range(len(self.param_groups)):
-            rows, names = self._rows(index)
-            self.kernel(index).step(rows, names)
+            self.kernel(index).step(self._rows(index), lambda index=index: self._names_with_grad(index))
         return loss
 
     # ---------------------------------------------------------------- checkpoints

@@ -9,7 +9,7 @@ moves Schedule-Free parameters between y and x.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -23,6 +23,11 @@ DEFAULT_NUM_WARPS = 8
 BACKENDS = ("auto", "triton", "torch")
 
 Row = Sequence[torch.Tensor]
+Names = Callable[[], Sequence[str]]  # parameter names for error messages, computed only when needed
+
+
+def _no_names() -> Sequence[str]:
+    return ()
 
 
 def triton_available() -> bool:
@@ -68,6 +73,7 @@ class GroupKernel:
         self.load_state(*S.INITIAL_STATE)
         self._inputs: tuple[float, ...] | None = None
         self._tables: dict[tuple, TableCache] = {}
+        self._last: dict[str, tuple[tuple[int, ...], list]] = {}  # purpose -> (every address, tables)
 
     # ----------------------------------------------------------------- host <-> device scalars
     def set_inputs(self, inputs: Sequence[float], lr: float | torch.Tensor) -> None:
@@ -93,10 +99,10 @@ class GroupKernel:
         return {"k": int(s[S.K]), "lr_max": s[S.LR_MAX], "weight_sum": s[S.WSUM], "scheduled_lr": s[S.GAMMA]}
 
     # ----------------------------------------------------------------- the step
-    def step(self, rows: Sequence[Row], names: Sequence[str] = ()) -> None:
+    def step(self, rows: Sequence[Row], names: Names = _no_names) -> None:
         """Advance the scalars once and update every row: (y, g, z, v), (y, g, z) or (y, g, m, v) by kind."""
         if self.backend == "torch":
-            self._torch_step(rows)
+            self._torch_step(rows, names)
         else:
             self._triton_step(rows, names)
 
@@ -112,14 +118,17 @@ class GroupKernel:
             return
         from bitpipe_fx.kernels import triton_step as T
 
-        for table in self._bucket_tables(rows, ("lerp",)):
+        for table in self._tables_for(rows, "lerp", _no_names):
             T.lerp_kernel[(table.n_blocks,)](
-                table.ptrs, table.n, table.block_tensor, table.first_block, table.numels, self.slots,
-                table.likes[0], table.likes[1], W_SLOT=w_slot, ALIGNED=table.aligned, BLOCK=table.block,
+                table.offsets, table.n, table.block_tensor, table.first_block, table.numels, self.slots,
+                table.bases[0], table.bases[1], W_SLOT=w_slot, ALIGNED=table.aligned, BLOCK=table.block,
                 num_warps=self.num_warps,
             )
 
-    def _torch_step(self, rows: Sequence[Row]) -> None:
+    def _torch_step(self, rows: Sequence[Row], names: Names) -> None:
+        for i, row in enumerate(rows):
+            if row[1].layout != torch.strided:
+                raise ConfigError(f"{_name(names(), i)}: sparse gradients are not supported; use dense gradients.")
         s = S.advance(self.kind, self.profile, self.slots.tolist())
         self.slots.copy_(torch.tensor(s, dtype=torch.float64))
         update = {S.Kind.SF_ADAMW: torch_step.sf_adamw, S.Kind.SF_SGD: torch_step.sf_sgd,
@@ -128,15 +137,15 @@ class GroupKernel:
             update(*lists, s)
             _store_back(low, lists[0])
 
-    def _triton_step(self, rows: Sequence[Row], names: Sequence[str]) -> None:
+    def _triton_step(self, rows: Sequence[Row], names: Names) -> None:
         from bitpipe_fx.kernels import triton_step as T
 
         T.scalar_step_kernel[(1,)](self.slots, KIND=int(self.kind), PROFILE=int(self.profile), num_warps=1)
         if not rows:
             return
-        for table in self._bucket_tables(rows, ("step",), names):
-            args = (table.ptrs, table.n, table.block_tensor, table.first_block, table.numels, self.slots,
-                    *table.likes[:3])
+        for table in self._tables_for(rows, "step", names):
+            args = (table.offsets, table.n, table.block_tensor, table.first_block, table.numels, self.slots,
+                    *table.bases[:3])
             if self.kind == S.Kind.ADAMW:
                 T.adamw_step_kernel[(table.n_blocks,)](*args, ALIGNED=table.aligned, BLOCK=table.block,
                                                        num_warps=self.num_warps)
@@ -144,20 +153,36 @@ class GroupKernel:
                 T.sf_step_kernel[(table.n_blocks,)](*args, ADAM=self.kind == S.Kind.SF_ADAMW, ALIGNED=table.aligned,
                                                     BLOCK=table.block, num_warps=self.num_warps)
 
-    def _bucket_tables(self, rows: Sequence[Row], purpose: tuple, names: Sequence[str] = ()):
+    def _tables_for(self, rows: Sequence[Row], purpose: str, names: Names) -> list:
+        """Tables for `rows`; when no address changed since the last call, the last tables, found in one compare."""
+        addresses = tuple([t.data_ptr() for row in rows for t in row])
+        last = self._last.get(purpose)
+        if last is not None and last[0] == addresses:
+            return last[1]
+        tables = self._bucket_tables(rows, purpose, names())
+        self._last[purpose] = (addresses, tables)
+        return tables
+
+    def _bucket_tables(self, rows: Sequence[Row], purpose: str, names: Sequence[str]) -> list:
         """One table per (dtypes, alignment) bucket of `rows`, cached by addresses and sizes."""
         buckets: dict[tuple, tuple[list[Row], list[str], list[int]]] = {}
         for i, row in enumerate(rows):
             ptrs = [t.data_ptr() for t in row]
-            key = (*purpose, *(t.dtype for t in row), all(p % 16 == 0 for p in ptrs))
+            key = (purpose, *(t.dtype for t in row), all(p % 16 == 0 for p in ptrs))
             bucket_rows, bucket_names, bucket_key = buckets.setdefault(key, ([], [], []))
             bucket_rows.append(row)
-            bucket_names.append(names[i] if i < len(names) else f"parameter {i}")
+            bucket_names.append(_name(names, i))
             bucket_key.extend(ptrs)
             bucket_key.append(row[0].numel())
+        tables = []
         for key, (bucket_rows, bucket_names, bucket_key) in buckets.items():
             cache = self._tables.setdefault(key, TableCache(self.block))
-            yield cache.get(bucket_rows, tuple(bucket_key), bucket_names)
+            tables.append(cache.get(bucket_rows, tuple(bucket_key), bucket_names))
+        return tables
+
+
+def _name(names: Sequence[str], i: int) -> str:
+    return names[i] if i < len(names) else f"parameter {i}"
 
 
 def _buckets(rows: Sequence[Row]):

@@ -1,8 +1,11 @@
 """Pointer tables: how one kernel launch reaches every tensor of a parameter group.
 
 A table holds, for n tensors and a few *slots* (parameter, gradient, state...), the int64
-address of every tensor in every slot, each tensor's element count, and a block map that
-sends program ``pid`` to its tensor and to its int64 offset inside it. Tables are rebuilt
+offset in elements of every tensor in every slot from that slot's *base* (a one-element tensor
+of the slot's dtype, passed to the kernel as a typed pointer), each tensor's element count, and
+a block map that sends program ``pid`` to its tensor and to its int64 offset inside it.
+Offsets rather than raw addresses keep the pointer arithmetic in the compiler's view: the
+alignment it can prove for base + offset is what turns full blocks into vector accesses. Tables are rebuilt
 only when an address changes (a new gradient tensor, a loaded state dict), and uploaded
 with a non-blocking copy from pinned memory, so a step never waits for the host.
 """
@@ -21,17 +24,17 @@ ALIGN = 16  # bytes: what vector loads need, and what the ALIGNED kernels assume
 
 @dataclass(frozen=True)
 class TensorTable:
-    """Addresses and block map of n tensors in `len(likes)` slots, on one device."""
+    """Element offsets and block map of n tensors in `len(bases)` slots, on one device."""
 
-    ptrs: torch.Tensor  # int64 [slots * n], slot-major: ptrs[slot * n + i]
+    offsets: torch.Tensor  # int64 [slots * n], slot-major: element offset of tensor i in slot s from bases[s]
     block_tensor: torch.Tensor  # int32 [n_blocks]: tensor of each program
     first_block: torch.Tensor  # int64 [n]: first program of each tensor
     numels: torch.Tensor  # int64 [n]
     n: int
     n_blocks: int
     block: int
-    aligned: bool  # every address is a multiple of ALIGN bytes
-    likes: tuple[torch.Tensor, ...]  # one tiny tensor per slot: carries the slot's dtype into the kernel
+    aligned: bool  # every address (bases included) is a multiple of ALIGN bytes
+    bases: tuple[torch.Tensor, ...]  # one tiny tensor per slot: the origin of its offsets, and its dtype
 
 
 def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -61,6 +64,8 @@ def _walk_order(t: torch.Tensor) -> list[int]:
 def check_row(name: str, row: Sequence[torch.Tensor]) -> None:
     """Refuse a parameter whose tensors cannot be walked as one flat range each, in the same order."""
     first = row[0]
+    if row[1].layout != torch.strided:
+        raise ConfigError(f"{name}: sparse gradients are not supported; use dense gradients.")
     for t in row:
         if t.shape != first.shape or _walk_order(t) != _walk_order(first) or not is_dense(t):
             raise ConfigError(
@@ -71,14 +76,15 @@ def check_row(name: str, row: Sequence[torch.Tensor]) -> None:
             )
 
 
-_LIKES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+_BASES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
-def _like(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def _base(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A live one-element tensor per (device, dtype): freshly allocated, so ALIGN-aligned."""
     key = (device, dtype)
-    if key not in _LIKES:
-        _LIKES[key] = torch.empty(1, dtype=dtype, device=device)
-    return _LIKES[key]
+    if key not in _BASES:
+        _BASES[key] = torch.empty(1, dtype=dtype, device=device)
+    return _BASES[key]
 
 
 def build_table(rows: Sequence[Sequence[torch.Tensor]], block: int, names: Sequence[str]) -> TensorTable:
@@ -92,18 +98,29 @@ def build_table(rows: Sequence[Sequence[torch.Tensor]], block: int, names: Seque
     first = [0] * n
     for i in range(1, n):
         first[i] = first[i - 1] + blocks[i - 1]
+    bases = tuple(_base(device, t.dtype) for t in rows[0])
     addresses = [rows[i][s].data_ptr() for s in range(slots) for i in range(n)]
+    offsets = []
+    for index, address in enumerate(addresses):
+        base = bases[index // n]
+        distance = address - base.data_ptr()
+        if distance % base.element_size():
+            raise ConfigError(
+                f"{names[index % n]}: address {address:#x} is not a multiple of its element size "
+                f"{base.element_size()}; the fused optimizer cannot address it. Use backend='torch'."
+            )
+        offsets.append(distance // base.element_size())
     block_tensor = torch.repeat_interleave(torch.arange(n, dtype=torch.int32), torch.tensor(blocks))
     return TensorTable(
-        ptrs=_upload(torch.tensor(addresses, dtype=torch.int64), device),
+        offsets=_upload(torch.tensor(offsets, dtype=torch.int64), device),
         block_tensor=_upload(block_tensor, device),
         first_block=_upload(torch.tensor(first, dtype=torch.int64), device),
         numels=_upload(torch.tensor(numels, dtype=torch.int64), device),
         n=n,
         n_blocks=sum(blocks),
         block=block,
-        aligned=all(a % ALIGN == 0 for a in addresses),
-        likes=tuple(_like(device, t.dtype) for t in rows[0]),
+        aligned=all(a % ALIGN == 0 for a in (*addresses, *(b.data_ptr() for b in bases))),
+        bases=bases,
     )
 
 

@@ -1,8 +1,8 @@
 """Triton kernels: the per-group scalar step and the element-wise optimizer updates.
 
 Every kernel here is launched over a :class:`~bitpipe_fx.kernels.tables.TensorTable`: program
-``pid`` looks up which tensor its block belongs to, loads that tensor's addresses from the
-pointer table and updates ``BLOCK`` elements of it. Full blocks take an unmasked path (vector
+``pid`` looks up which tensor its block belongs to, loads that tensor's element offsets (from
+one base tensor per slot) and updates ``BLOCK`` elements of it. Full blocks take an unmasked path (vector
 loads when the table says every address is 16-byte aligned), the last block of a tensor a
 masked one. Offsets are int64 throughout, so tensors over 2^31 elements are fine.
 
@@ -36,6 +36,26 @@ def _pow(base, exponent):
     safe = tl.where(base > 0, base, 1.0)
     powered = tl.exp(tl.log(safe) * exponent)
     return tl.where(base > 0, powered, tl.where(exponent == 0, 1.0, 0.0))
+
+
+@triton.jit
+def _div(a, b):
+    """IEEE round-to-nearest division (Triton's plain float32 `/` is approximate)."""
+    if a.dtype == tl.float64:
+        out = a / b
+    else:
+        out = tl.div_rn(a, b)
+    return out
+
+
+@triton.jit
+def _sqrt(a):
+    """IEEE round-to-nearest square root (tl.sqrt is approximate in float32)."""
+    if a.dtype == tl.float64:
+        out = tl.sqrt(a)
+    else:
+        out = tl.sqrt_rn(a)
+    return out
 
 
 @triton.jit
@@ -75,7 +95,7 @@ def scalar_step_kernel(s, KIND: tl.constexpr, PROFILE: tl.constexpr):
                 shape = (1.0 - z) / (1.0 - tl.load(s + _D) * z)
             decayed = min_lr + (base - min_lr) * shape
         gamma = tl.where(in_warmup, base * ramp, decayed)
-        tl.store(s + _BIAS2, tl.sqrt_rn(1.0 - _pow(beta2, t)))
+        tl.store(s + _BIAS2, tl.sqrt(1.0 - _pow(beta2, t)))
         tl.store(s + _COEF, gamma / (1.0 - _pow(beta1, t)))
         tl.store(s + _DECAY, 1.0 - gamma * tl.load(s + _WD))
     tl.store(s + _GAMMA, gamma)
@@ -94,12 +114,17 @@ def _locate(block_tensor, first_block, numels, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _address(ptrs, n, tid, slot: tl.constexpr, like, ALIGNED: tl.constexpr):
-    """Typed pointer of slot `slot` of tensor `tid`; `like` only carries the element type."""
-    p = tl.load(ptrs + slot * n + tid).to(like.dtype)
+def _address(offsets, n, tid, slot: tl.constexpr, base, ALIGNED: tl.constexpr):
+    """Typed pointer of slot `slot` of tensor `tid`: the slot's base tensor plus the element offset in the table.
+
+    When the table is 16-byte aligned, rounding the offset down to a multiple of 16 bytes changes nothing
+    but lets the compiler prove the alignment, so full blocks use 128-bit loads and stores.
+    """
+    off = tl.load(offsets + slot * n + tid)
     if ALIGNED:
-        p = tl.multiple_of(p, 16)
-    return p
+        VEC: tl.constexpr = 128 // base.dtype.element_ty.primitive_bitwidth  # elements per 16 bytes
+        off = (off // VEC) * VEC
+    return base + off
 
 
 @triton.jit
@@ -113,8 +138,8 @@ def _sf_tile(y_ptr, g_ptr, z_ptr, v_ptr, offs, mask, s, ADAM: tl.constexpr):
     if ADAM:
         v = tl.load(v_ptr + offs, mask=mask)
         v = v * beta2.to(cdt) + (1.0 - beta2).to(cdt) * (g * g)
-        denom = tl.sqrt_rn(tl.div_rn(v, tl.load(s + _BIAS2).to(cdt))) + tl.load(s + _EPS).to(cdt)
-        u = tl.div_rn(g, denom) + tl.load(s + _WD).to(cdt) * y
+        denom = _sqrt(_div(v, tl.load(s + _BIAS2).to(cdt))) + tl.load(s + _EPS).to(cdt)
+        u = _div(g, denom) + tl.load(s + _WD).to(cdt) * y
         tl.store(v_ptr + offs, v, mask=mask)
     else:
         u = g + tl.load(s + _WD).to(cdt) * y
@@ -125,16 +150,16 @@ def _sf_tile(y_ptr, g_ptr, z_ptr, v_ptr, offs, mask, s, ADAM: tl.constexpr):
 
 
 @triton.jit
-def sf_step_kernel(ptrs, n, block_tensor, first_block, numels, s, y_like, g_like, z_like,
+def sf_step_kernel(offsets, n, block_tensor, first_block, numels, s, y_base, g_base, z_base,
                    ADAM: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """Schedule-Free AdamW (ADAM) or SGD over every tensor of a table: slots y, g, z[, v]."""
     tid, offs, mask, full = _locate(block_tensor, first_block, numels, BLOCK)
-    y_ptr = _address(ptrs, n, tid, 0, y_like, ALIGNED)
-    g_ptr = _address(ptrs, n, tid, 1, g_like, ALIGNED)
-    z_ptr = _address(ptrs, n, tid, 2, z_like, ALIGNED)
+    y_ptr = _address(offsets, n, tid, 0, y_base, ALIGNED)
+    g_ptr = _address(offsets, n, tid, 1, g_base, ALIGNED)
+    z_ptr = _address(offsets, n, tid, 2, z_base, ALIGNED)
     v_ptr = z_ptr
     if ADAM:
-        v_ptr = _address(ptrs, n, tid, 3, z_like, ALIGNED)
+        v_ptr = _address(offsets, n, tid, 3, z_base, ALIGNED)
     if full:
         _sf_tile(y_ptr, g_ptr, z_ptr, v_ptr, offs, None, s, ADAM)
     else:
@@ -154,22 +179,22 @@ def _adamw_tile(y_ptr, g_ptr, m_ptr, v_ptr, offs, mask, s):
     y = y * tl.load(s + _DECAY).to(cdt)
     m = m + (1.0 - beta1).to(cdt) * (g - m)
     v = v * beta2.to(cdt) + (1.0 - beta2).to(cdt) * (g * g)
-    denom = tl.div_rn(tl.sqrt_rn(v), tl.load(s + _BIAS2).to(cdt)) + tl.load(s + _EPS).to(cdt)
-    y = y - tl.load(s + _COEF).to(cdt) * tl.div_rn(m, denom)
+    denom = _div(_sqrt(v), tl.load(s + _BIAS2).to(cdt)) + tl.load(s + _EPS).to(cdt)
+    y = y - tl.load(s + _COEF).to(cdt) * _div(m, denom)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(m_ptr + offs, m, mask=mask)
     tl.store(v_ptr + offs, v, mask=mask)
 
 
 @triton.jit
-def adamw_step_kernel(ptrs, n, block_tensor, first_block, numels, s, y_like, g_like, z_like,
+def adamw_step_kernel(offsets, n, block_tensor, first_block, numels, s, y_base, g_base, z_base,
                       ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """AdamW over every tensor of a table: slots y, g, m, v."""
     tid, offs, mask, full = _locate(block_tensor, first_block, numels, BLOCK)
-    y_ptr = _address(ptrs, n, tid, 0, y_like, ALIGNED)
-    g_ptr = _address(ptrs, n, tid, 1, g_like, ALIGNED)
-    m_ptr = _address(ptrs, n, tid, 2, z_like, ALIGNED)
-    v_ptr = _address(ptrs, n, tid, 3, z_like, ALIGNED)
+    y_ptr = _address(offsets, n, tid, 0, y_base, ALIGNED)
+    g_ptr = _address(offsets, n, tid, 1, g_base, ALIGNED)
+    m_ptr = _address(offsets, n, tid, 2, z_base, ALIGNED)
+    v_ptr = _address(offsets, n, tid, 3, z_base, ALIGNED)
     if full:
         _adamw_tile(y_ptr, g_ptr, m_ptr, v_ptr, offs, None, s)
     else:
@@ -185,12 +210,12 @@ def _lerp_tile(y_ptr, z_ptr, offs, mask, w):
 
 
 @triton.jit
-def lerp_kernel(ptrs, n, block_tensor, first_block, numels, s, y_like, z_like,
+def lerp_kernel(offsets, n, block_tensor, first_block, numels, s, y_base, z_base,
                 W_SLOT: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """Schedule-Free train/eval switch: y <- y + w·(z - y) with w read from slot W_SLOT."""
     tid, offs, mask, full = _locate(block_tensor, first_block, numels, BLOCK)
-    y_ptr = _address(ptrs, n, tid, 0, y_like, ALIGNED)
-    z_ptr = _address(ptrs, n, tid, 1, z_like, ALIGNED)
+    y_ptr = _address(offsets, n, tid, 0, y_base, ALIGNED)
+    z_ptr = _address(offsets, n, tid, 1, z_base, ALIGNED)
     w = tl.load(s + W_SLOT)
     if full:
         _lerp_tile(y_ptr, z_ptr, offs, None, w)
