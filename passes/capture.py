@@ -127,6 +127,9 @@ def capture(
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"capture needs an nn.Module, got {type(model).__name__}")
+    missing = [x for x in leaf_modules if isinstance(x, str) and x not in dict(model.named_modules())]
+    if missing:
+        raise ConfigError(f"leaf_modules names {missing}, which are not submodules of {type(model).__name__}")
     args = example_args if isinstance(example_args, tuple) else (example_args,)
     kwargs = dict(example_kwargs or {})
     was_training = model.training
@@ -359,9 +362,6 @@ def _from_symbolic_trace(
     model: nn.Module, args: tuple, kwargs: dict, training: bool, leaves: Sequence[str | type]
 ) -> Captured:
     canonical, tied = tied_names(model)
-    missing = [x for x in leaves if isinstance(x, str) and x not in dict(model.named_modules())]
-    if missing:
-        raise ConfigError(f"leaf_modules names {missing}, which are not submodules of {type(model).__name__}")
     sig = pyinspect.signature(model.forward)
     if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in sig.parameters.values()):
         raise TraceError(f"{type(model).__name__}.forward takes *args/**kwargs, which torch.fx cannot trace")
