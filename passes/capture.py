@@ -32,18 +32,28 @@ from bitpipe_fx.errors import ConfigError, TraceError
 
 TRAINING_FLAG = "_bitpipe_training"  # call_module target that returns the stage module's ``training`` flag
 
-_DROPOUT_OPS = {
-    torch.ops.aten.dropout.default,
-    torch.ops.aten.feature_dropout.default,
-    torch.ops.aten.alpha_dropout.default,
-    torch.ops.aten.feature_alpha_dropout.default,
-}
-_DROPPED_OPS = {
-    torch.ops.aten._assert_tensor_metadata.default,
-    torch.ops.aten._assert_scalar.default,
-    torch.ops.aten._assert_async.msg,
-    torch.ops.aten.sym_constrain_range_for_size.default,
-}
+
+def _aten(*names: str) -> frozenset:
+    """The aten overloads ``op.overload`` that this torch version has."""
+    found = set()
+    for name in names:
+        op, overload = name.split(".")
+        packet = getattr(torch.ops.aten, op, None)
+        if packet is not None and hasattr(packet, overload):
+            found.add(getattr(packet, overload))
+    return frozenset(found)
+
+
+_DROPOUT_OPS = _aten(
+    "dropout.default", "feature_dropout.default", "alpha_dropout.default", "feature_alpha_dropout.default"
+)
+# shape guards and assertions torch.export inserts (they differ between torch versions)
+_DROPPED_OPS = _aten(
+    "_assert_tensor_metadata.default",
+    "_assert_scalar.default",
+    "_assert_async.msg",
+    "sym_constrain_range_for_size.default",
+)
 
 
 class TrainingFlag(nn.Module):
