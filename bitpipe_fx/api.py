@@ -104,7 +104,7 @@ class CompiledPipeline:
         params = [p for r in self.executor.replicas for p in r.trainable]
         self.optimizer = optimizer(params) if optimizer is not None else None
         self.last_timeline: list[TraceEvent] = []
-        self.training = True
+        self.train(all(r.module.training for r in self.executor.replicas))
 
     # ---- steps ----------------------------------------------------------------------------------
 
