@@ -94,7 +94,7 @@ def load_corpus(path: str | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> 
         if total >= max_bytes:
             break
         data = f.read_bytes()[: max_bytes - total]
-        if not data or not _is_text(data):
+        if not data or (f != root and not _is_text(data)):  # a file named explicitly is read as text
             continue
         data = data.replace(b"\0", b"") + b"\n"
         total += len(data)

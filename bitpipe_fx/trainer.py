@@ -101,6 +101,16 @@ def _slice(batch: Any, index: int, parts: int) -> Any:
     return type(batch)(_slice(b, index, parts) for b in batch)
 
 
+def _thread_lock_for_tqdm() -> None:
+    """Give tqdm (also used inside torch.fx) a thread lock: its default multiprocessing lock is a semaphore
+    that leaks, with a warning at exit, when the launcher ends a rank with os._exit."""
+    import threading
+
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
+
+
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -110,6 +120,7 @@ def worker(cfg: TrainConfig, plan_path: str | None, start: int, history: History
     """Train ``cfg`` from step ``start`` (loading its checkpoint when > 0); rank 0 returns the result."""
     import bitpipe_fx as bp
 
+    _thread_lock_for_tqdm()
     torch.set_num_threads(cfg.threads)
     rank, _, backend = _rank()
     device = device_for(backend, cfg.cpu)
