@@ -30,7 +30,7 @@ from bitpipe_fx.schedules.ir import Placement, linear_placement
 
 _MAX_SWEEPS = 200
 _EXHAUSTIVE = 20_000  # up to this many cut combinations, try them all (exact)
-_PAIR_WINDOW = 3  # a pair move shifts two cuts by up to this many valid positions each
+_PAIR_WINDOW = 6  # a pair move shifts two cuts by up to this many valid positions each
 
 
 @dataclass(frozen=True)
@@ -88,8 +88,9 @@ def partition(
             coef[d, s] += per_pipe[p]
     prefix = np.concatenate([[0], np.cumsum(w)])
     crossing = np.array((0, *costs.crossing_bytes), dtype=np.int64)  # crossing[b] for boundary b
-    search = _Search(prefix, coef, crossing, valid)
-    small = comb(len(valid), num_stages - 1) <= _EXHAUSTIVE
+    distinct = _distinct(valid, prefix, crossing)
+    search = _Search(prefix, coef, crossing, distinct if len(distinct) >= num_stages - 1 else valid)
+    small = comb(len(search.valid), num_stages - 1) <= _EXHAUSTIVE
     if small:
         cuts = search.exhaustive(num_stages)
     else:
@@ -106,6 +107,15 @@ def partition(
         device_loads=tuple(int(x) for x in coef @ stage_loads),
         cut_bytes=tuple(int(crossing[c]) for c in cuts),
     )
+
+
+def _distinct(valid: np.ndarray, prefix: np.ndarray, crossing: np.ndarray) -> np.ndarray:
+    """One boundary per distinct amount of work before it (the fewest bytes crossing, then the leftmost):
+    boundaries around zero-cost nodes such as views are interchangeable for balance."""
+    order = np.lexsort((valid, crossing[valid], prefix[valid]))
+    ranked = valid[order]
+    keep = np.concatenate([[True], np.diff(prefix[ranked]) != 0]) if len(ranked) else np.zeros(0, bool)
+    return np.sort(ranked[keep])
 
 
 def _integer_weights(values: Sequence[float], m: int) -> np.ndarray:
