@@ -7,7 +7,7 @@ loads when the table says every address is 16-byte aligned), the last block of a
 masked one. Offsets are int64 throughout, so tensors over 2^31 elements are fine.
 
 The math is in the state dtype (float32 for float32/bfloat16/float16 parameters, float64 for
-float64 ones); parameters are converted on load and rounded to nearest-even on store.
+float64 ones); parameters are converted on load and rounded to nearest-even on store (see _to_param).
 """
 
 from __future__ import annotations
@@ -55,6 +55,23 @@ def _sqrt(a):
         out = tl.sqrt(a)
     else:
         out = tl.sqrt_rn(a)
+    return out
+
+
+@triton.jit
+def _to_param(x, dtype):
+    """Round the float32/float64 result x to the parameter dtype, to nearest-even.
+
+    bfloat16 is rounded with integer arithmetic on the float32 bits (NaN stays NaN): compiled Triton
+    rounds fp32 -> bf16 to nearest-even too, but the interpreter truncates, and the tests run there.
+    """
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        rounded = bits + (0x7FFF + ((bits >> 16) & 1))
+        rounded = tl.where(x != x, bits | 0x400000, rounded)
+        out = (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        out = x.to(dtype)
     return out
 
 
@@ -145,7 +162,7 @@ def _sf_tile(y_ptr, g_ptr, z_ptr, v_ptr, offs, mask, s, ADAM: tl.constexpr):
         u = g + tl.load(s + _WD).to(cdt) * y
     y = y + tl.load(s + _C).to(cdt) * (z - y) + tl.load(s + _COEF).to(cdt) * u
     z = z - tl.load(s + _GAMMA).to(cdt) * u
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + offs, _to_param(y, y_ptr.dtype.element_ty), mask=mask)
     tl.store(z_ptr + offs, z, mask=mask)
 
 
@@ -181,7 +198,7 @@ def _adamw_tile(y_ptr, g_ptr, m_ptr, v_ptr, offs, mask, s):
     v = v * beta2.to(cdt) + (1.0 - beta2).to(cdt) * (g * g)
     denom = _div(_sqrt(v), tl.load(s + _BIAS2).to(cdt)) + tl.load(s + _EPS).to(cdt)
     y = y - tl.load(s + _COEF).to(cdt) * _div(m, denom)
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + offs, _to_param(y, y_ptr.dtype.element_ty), mask=mask)
     tl.store(m_ptr + offs, m, mask=mask)
     tl.store(v_ptr + offs, v, mask=mask)
 
@@ -206,7 +223,7 @@ def _lerp_tile(y_ptr, z_ptr, offs, mask, w):
     cdt = z_ptr.dtype.element_ty
     y = tl.load(y_ptr + offs, mask=mask).to(cdt)
     z = tl.load(z_ptr + offs, mask=mask)
-    tl.store(y_ptr + offs, (y + w.to(cdt) * (z - y)).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + offs, _to_param(y + w.to(cdt) * (z - y), y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
