@@ -8,6 +8,7 @@ moves Schedule-Free parameters between y and x.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Sequence
 
@@ -103,7 +104,8 @@ class GroupKernel:
         """Advance the scalars once and update every row: (y, g, z, v), (y, g, z) or (y, g, m, v) by kind."""
         if self.backend == "torch":
             self._torch_step(rows, names)
-        else:
+            return
+        with _on(self.device):
             self._triton_step(rows, names)
 
     def lerp(self, rows: Sequence[Row], w_slot: int) -> None:
@@ -116,6 +118,10 @@ class GroupKernel:
                 torch_step.lerp(ys, zs, w)
                 _store_back(low, ys)
             return
+        with _on(self.device):
+            self._triton_lerp(rows, w_slot)
+
+    def _triton_lerp(self, rows: Sequence[Row], w_slot: int) -> None:
         from bitpipe_fx.kernels import triton_step as T
 
         for table in self._tables_for(rows, "lerp", _no_names):
@@ -183,6 +189,11 @@ class GroupKernel:
 
 def _name(names: Sequence[str], i: int) -> str:
     return names[i] if i < len(names) else f"parameter {i}"
+
+
+def _on(device: torch.device):
+    """Launch context: Triton launches on the current CUDA device, so make it the group's."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _buckets(rows: Sequence[Row]):

@@ -169,3 +169,17 @@ def test_new_group_joins_in_current_mode():
     opt.train()
     opt.add_param_group({"params": params[2:]})
     assert [g["train_mode"] for g in opt.param_groups] == [True, True]
+
+
+def test_tensor_lr_equals_float_lr():
+    """lr may be a tensor (as in the package); it is copied on the device each step, never read back."""
+    results = []
+    for lr in (5e-2, torch.tensor(5e-2, dtype=torch.float64)):
+        params = make_params(torch.float64)
+        opt = ScheduleFreeSGD(params, lr=lr, warmup_steps=3, backend="torch")
+        opt.train()
+        train(opt, params, 10, torch.Generator().manual_seed(1))
+        results.append(snapshot(opt, params))
+    for a, b in zip(*results):
+        for ta, tb in zip(a, b):
+            assert torch.equal(ta, tb)
