@@ -112,6 +112,19 @@ def peak_memory() -> tuple[str, int]:
     return "rss_high_water_lifetime", int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def memory_now() -> int:
+    """Bytes in use now: CUDA allocated on GPU, else the process's resident set size (0 when unknown)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.memory_allocated())
+    try:
+        match = re.search(r"VmRSS:\s+(\d+)\s+kB", Path("/proc/self/status").read_text())
+    except OSError:
+        return 0
+    return int(match.group(1)) * 1024 if match else 0
+
+
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column]) -> str:
     """A GitHub markdown table of ``rows``; a missing or None cell prints as ``-``."""
 

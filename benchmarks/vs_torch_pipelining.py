@@ -1,0 +1,377 @@
+"""bitpipe_fx against torch.distributed.pipelining: same model, same batch, same processes, measured.
+
+The examples' GPT-style model, sized so a step takes about a second on two 1-thread gloo processes. torch's
+schedules (Schedule1F1B, ScheduleInterleaved1F1B, ScheduleZBVZeroBubble, ScheduleDualPipeV when the
+installed torch has it) get hand-set split points, as their users must write them: equal numbers of blocks
+per stage, the embedding in the first stage, the LM head in the last, and the tied embedding/head weight
+kept as two copies whose gradients are summed after the step (locally when one rank holds both stages, by
+an all-reduce otherwise). bitpipe_fx runs 1f1b, interleaved, zbv, dualpipev and bitpipe, all from
+``bitpipe_fx.compile`` (its own partition).
+
+Each (library, schedule) runs in fresh processes: the first step's gradients are returned and checked
+against a non-pipelined reference (and against each other), then warm-up steps, then timed steps
+(gradients only: no optimizer on either side; each step starts and ends at a barrier). Peak memory is the
+RSS high-water mark of each process during the steps (CUDA max allocated on GPUs).
+
+    python benchmarks/vs_torch_pipelining.py           # ~4-6 min on 2 CPU cores
+    python benchmarks/vs_torch_pipelining.py --smoke   # tiny model, 1 timed step
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from _common import (
+    Column,
+    machine_info,
+    machine_line,
+    markdown_table,
+    median,
+    memory_now,
+    parser,
+    peak_memory,
+    reset_peak_memory,
+    time_steps,
+    write_results,
+)
+from torch import nn
+
+from bitpipe_fx.examples.models import GPT, gpt, lm_batch, lm_loss
+from bitpipe_fx.runtime.launch import launch
+
+TORCH_SCHEDULES = {  # name -> (torch class name, stages per rank, placement style)
+    "1f1b": ("Schedule1F1B", 1, "loop"),
+    "interleaved": ("ScheduleInterleaved1F1B", 2, "loop"),
+    "zbv": ("ScheduleZBVZeroBubble", 2, "v"),
+    "dualpipev": ("ScheduleDualPipeV", 2, "v"),
+}
+BITPIPE_SCHEDULES = ("1f1b", "interleaved", "zbv", "dualpipev", "bitpipe")
+FULL = {"model": {"vocab": 2048, "seq": 128, "dim": 256, "heads": 4, "layers": 8, "micro_batch": 2},
+        "microbatches": 8, "warmup": 2, "steps": 5}
+SMOKE = {"model": {"vocab": 64, "seq": 16, "dim": 32, "heads": 2, "layers": 4, "micro_batch": 1},
+         "microbatches": 4, "warmup": 1, "steps": 1}
+SMOKE_RUNS = (("torch", "1f1b"), ("bitpipe_fx", "1f1b"), ("bitpipe_fx", "bitpipe"))
+AGREE_RTOL = 1e-5  # float32 contract of DESIGN.md: max |a-b| / max |b| per parameter
+
+
+def batch(cfg: dict[str, Any], microbatches: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one batch every run uses: N micro-batches of ``micro_batch`` sequences."""
+    return lm_batch(cfg["vocab"], microbatches * cfg["micro_batch"], cfg["seq"], seed=1234)
+
+
+def reference_grads(cfg: dict[str, Any], microbatches: int) -> tuple[float, dict[str, torch.Tensor]]:
+    """Non-pipelined reference: for m, (loss(model(x_m), y_m) / N).backward(); the mean loss and grads by FQN."""
+    model, _ = gpt(**cfg)
+    tokens, targets = batch(cfg, microbatches)
+    total = 0.0
+    for x, y in zip(tokens.chunk(microbatches), targets.chunk(microbatches)):
+        loss = lm_loss(model(x), y) / microbatches
+        loss.backward()
+        total += float(loss.detach())
+    return total, {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a-b| / max |b| (the absolute difference when b vanishes)."""
+    scale = float(b.abs().max())
+    diff = float((a.double() - b.double()).abs().max())
+    return diff / scale if scale > 0 else diff
+
+
+def max_rel_err(grads: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
+    """Worst parameter's relative error; infinite when a parameter's gradient is missing."""
+    if set(grads) != set(ref):
+        return float("inf")
+    return max(rel_err(grads[n], ref[n]) for n in ref)
+
+
+# ---- torch.distributed.pipelining, split by hand ------------------------------------------------
+
+
+class HandStage(nn.Module):
+    """Blocks [lo, hi) of the GPT; the first stage embeds, the last holds ln_f and its own copy of the head."""
+
+    def __init__(self, model: GPT, lo: int, hi: int, first: bool, last: bool) -> None:
+        super().__init__()
+        self.first, self.last = first, last
+        if first:
+            self.tok_emb, self.pos_emb, self.drop = model.tok_emb, model.pos_emb, model.drop
+        self.blocks = nn.ModuleList(model.blocks[lo:hi])
+        if last:
+            self.ln_f = model.ln_f
+            self.head_weight = nn.Parameter(model.tok_emb.weight.detach().clone())  # untied copy
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.first:
+            positions = torch.arange(x.shape[1], device=x.device)
+            x = self.drop(self.tok_emb(x) + self.pos_emb(positions))
+        for block in self.blocks:
+            x = block(x)
+        return F.linear(self.ln_f(x), self.head_weight) if self.last else x
+
+
+def stage_ranks(style: str, ranks: int, stages: int) -> list[int]:
+    """Rank of every stage: loop (s mod P) or V (s on s for s < P, else 2P-1-s)."""
+    if style == "loop":
+        return [s % ranks for s in range(stages)]
+    return [s if s < ranks else 2 * ranks - 1 - s for s in range(stages)]
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(dist.get_rank() % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    dist.barrier()
+
+
+def run_torch(schedule: str, cfg: dict[str, Any], microbatches: int, warmup: int, steps: int) -> dict[str, Any]:
+    """One rank of a torch.distributed.pipelining run (launched in fresh processes)."""
+    from torch.distributed.pipelining import PipelineStage
+    from torch.distributed.pipelining import schedules as torch_schedules
+
+    cls_name, per_rank, style = TORCH_SCHEDULES[schedule]
+    rank, ranks = dist.get_rank(), dist.get_world_size()
+    device = _device()
+    model, _ = gpt(**cfg)
+    model.to(device)
+    names = {id(p): n for n, p in model.named_parameters()}
+    n_stages = per_rank * ranks
+    if cfg["layers"] % n_stages:
+        raise ValueError(f"layers={cfg['layers']} must be a multiple of the {n_stages} hand-cut stages")
+    per = cfg["layers"] // n_stages
+    owner = stage_ranks(style, ranks, n_stages)
+    mine = [s for s in range(n_stages) if owner[s] == rank]
+    modules = {s: HandStage(model, s * per, (s + 1) * per, s == 0, s == n_stages - 1) for s in mine}
+    stages = [PipelineStage(modules[s], s, n_stages, device) for s in mine]
+    first_rank, last_rank = owner[0], owner[-1]
+    tie_group = dist.new_group([first_rank, last_rank]) if first_rank != last_rank else None
+    cls = getattr(torch_schedules, cls_name)
+    sched = cls(stages[0], microbatches, loss_fn=lm_loss) if per_rank == 1 else cls(stages, microbatches,
+                                                                                      loss_fn=lm_loss)
+    tokens, targets = (t.to(device) for t in batch(cfg, microbatches))
+    del model
+    gc.collect()
+
+    def tied_grad() -> torch.Tensor | None:
+        """Sum the embedding's and the head copy's gradients (what a torch user must write)."""
+        emb = modules[0].tok_emb.weight.grad if 0 in modules else None
+        head = modules[n_stages - 1].head_weight.grad if n_stages - 1 in modules else None
+        if tie_group is None:
+            return emb + head if emb is not None and head is not None else None
+        local = emb if emb is not None else head
+        if local is not None:
+            dist.all_reduce(local, group=tie_group)
+        return local
+
+    losses: list[torch.Tensor] = []
+
+    def step() -> None:
+        for m in modules.values():
+            m.zero_grad(set_to_none=True)
+        losses.clear()
+        args = (tokens,) if 0 in modules else ()
+        target = targets if n_stages - 1 in modules else None
+        sched.step(*args, target=target, losses=losses)
+        tied = tied_grad()
+        if tied is not None:
+            for m in modules.values():
+                if m.first:
+                    m.tok_emb.weight.grad = tied
+                if m.last:
+                    m.head_weight.grad = tied
+
+    reset_peak_memory()
+    before = memory_now()
+    step()
+    grads = {}
+    for m in modules.values():
+        for p in m.parameters():
+            if p.grad is not None and id(p) in names:
+                grads[names[id(p)]] = p.grad.detach().cpu().clone()
+    loss = float(sum(float(x.detach()) for x in losses) / microbatches) if losses else None
+    times = time_steps(step, warmup, steps, sync=lambda: _sync(device))
+    kind, peak = peak_memory()
+    return {"rank": rank, "times": times, "loss": loss, "grads": grads, "memory_kind": kind,
+            "peak_memory": peak, "memory_before": before}
+
+
+# ---- bitpipe_fx ----------------------------------------------------------------------------------
+
+
+def run_bitpipe(schedule: str, cfg: dict[str, Any], microbatches: int, warmup: int, steps: int) -> dict[str, Any]:
+    """One rank of a bitpipe_fx run (launched in fresh processes)."""
+    import bitpipe_fx as bp
+
+    rank, ranks = dist.get_rank(), dist.get_world_size()
+    device = _device()
+    model, example = gpt(**cfg)
+    model.to(device)
+    pipe = bp.compile(model, tuple(t.to(device) for t in example), lm_loss, schedule=schedule, devices=ranks,
+                      microbatches=microbatches)
+    tokens, targets = (t.to(device) for t in batch(cfg, microbatches))
+    del model
+    gc.collect()
+    losses: list[float] = []
+
+    def step() -> None:
+        losses.append(pipe.forward_backward(tokens, targets))
+
+    reset_peak_memory()
+    before = memory_now()
+    step()
+    grads = {n: g.cpu() for n, g in pipe.gradients().items()}
+    times = time_steps(step, warmup, steps, sync=lambda: _sync(device))
+    kind, peak = peak_memory()
+    return {"rank": rank, "times": times, "loss": losses[0], "grads": grads, "memory_kind": kind,
+            "peak_memory": peak, "memory_before": before, "stages": pipe.program.stages,
+            "balance": pipe.plan.balance if pipe.plan is not None else None}
+
+
+# ---- driver --------------------------------------------------------------------------------------
+
+
+def measure(library: str, schedule: str, procs: int, cfg: dict[str, Any], microbatches: int, warmup: int,
+            steps: int) -> dict[str, Any]:
+    """Launch one (library, schedule) run in fresh processes and fold the ranks' results into one row."""
+    fn = run_torch if library == "torch" else run_bitpipe
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    started = time.perf_counter()
+    results = launch(fn, procs, backend, args=(schedule, cfg, microbatches, warmup, steps), timeout=300.0,
+                     threads=1)
+    grads: dict[str, torch.Tensor] = {}
+    for r in results:
+        for name, g in r["grads"].items():
+            grads.setdefault(name, g)
+    per_step = [max(r["times"][i] for r in results) for i in range(steps)]
+    loss = next((r["loss"] for r in results if r["loss"] is not None), None)
+    return {
+        "library": library,
+        "schedule": schedule,
+        "step_s": median(per_step),
+        "step_times_s": per_step,
+        "loss": loss,
+        "memory_kind": results[0]["memory_kind"],
+        "peak_memory_mb": [r["peak_memory"] / 2**20 for r in results],
+        "memory_before_mb": [r["memory_before"] / 2**20 for r in results],
+        "stages": results[0].get("stages", None),
+        "partition_balance": results[0].get("balance"),
+        "wall_s": time.perf_counter() - started,
+        "_grads": grads,
+    }
+
+
+def available_torch_schedules() -> list[str]:
+    from torch.distributed.pipelining import schedules as torch_schedules
+
+    return [n for n, (cls, _, _) in TORCH_SCHEDULES.items() if hasattr(torch_schedules, cls)]
+
+
+def render(payload: dict[str, Any]) -> str:
+    cfg, rows = payload["config"], payload["rows"]
+    model = cfg["model"]
+    unavailable = payload["torch_unavailable"]
+    lines = [
+        "## bitpipe_fx vs torch.distributed.pipelining (measured)",
+        "",
+        machine_line(payload["machine"]),
+        "",
+        f"GPT-style example model: {model['layers']} layers, dim {model['dim']}, {model['heads']} heads, seq "
+        f"{model['seq']}, vocab {model['vocab']} (tied head), {payload['parameters'] / 1e6:.1f} M parameters, float32; "
+        f"batch = {cfg['microbatches']} micro-batches x {model['micro_batch']} sequences; {payload['procs']} "
+        f"{payload['backend']} processes, 1 thread each; median of {cfg['steps']} steps after {cfg['warmup']} "
+        f"warm-up (gradients only, no optimizer; barrier before and after each step). 'vs fastest torch' = step "
+        f"time / the fastest torch schedule's ({payload['fastest_torch']}); below 1 is faster. Peak memory = "
+        f"{rows[0]['memory_kind'] if rows else ''} per process (MB) during the steps. Gradients: max over "
+        f"parameters of max|g - g_ref| / max|g_ref| against the non-pipelined reference (float32; agree if "
+        f"<= {AGREE_RTOL:g}).",
+        "",
+        markdown_table(rows, [
+            Column("library", "library"), Column("schedule", "schedule"), Column("stages", "stages"),
+            Column("step_s", "step s", ".3f"), Column("vs_fastest_torch", "vs fastest torch", ".3f"),
+            Column("peak_memory", "peak memory MB (per rank)"), Column("grad_err", "grad err vs ref", ".1e"),
+            Column("grad_err_vs_torch", "vs torch same schedule", ".1e"), Column("agrees", "agrees"),
+        ]),
+    ]
+    if unavailable:
+        lines += ["", f"Not in this torch ({payload['machine']['torch']}): {', '.join(unavailable)}."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--procs", type=int, default=2, help="pipeline processes (devices)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 5, smoke 1)")
+    p.add_argument("--runs", default=None,
+                   help="comma-separated library:schedule pairs to run, e.g. torch:1f1b,bitpipe_fx:bitpipe "
+                        "(default: every torch schedule this torch has and every bitpipe_fx one; smoke: "
+                        + ",".join(f"{lib}:{s}" for lib, s in SMOKE_RUNS) + ")")
+    args = p.parse_args(argv)
+    cfg = dict(SMOKE if args.smoke else FULL)
+    if args.steps is not None:
+        cfg["steps"] = args.steps
+    started = time.perf_counter()
+    info = machine_info()
+    ref_loss, ref = reference_grads(cfg["model"], cfg["microbatches"])
+    torch_names = available_torch_schedules()
+    runs = [("torch", s) for s in torch_names] + [("bitpipe_fx", s) for s in BITPIPE_SCHEDULES]
+    if args.runs is not None:
+        runs = [tuple(item.split(":", 1)) for item in args.runs.split(",")]
+    elif args.smoke:
+        runs = list(SMOKE_RUNS)
+    unknown = [f"{lib}:{s}" for lib, s in runs if (lib, s) not in
+               {("torch", n) for n in torch_names} | {("bitpipe_fx", n) for n in BITPIPE_SCHEDULES}]
+    if unknown:
+        p.error(f"unknown or unavailable runs {unknown}; torch has {torch_names}, bitpipe_fx {BITPIPE_SCHEDULES}")
+    rows = []
+    for library, schedule in runs:
+        row = measure(library, schedule, args.procs, cfg["model"], cfg["microbatches"], cfg["warmup"], cfg["steps"])
+        print(f"{library:10s} {schedule:12s} {row['step_s']:.3f} s/step ({row['wall_s']:.0f} s wall)", flush=True)
+        rows.append(row)
+    fastest = min((r for r in rows if r["library"] == "torch"), key=lambda r: r["step_s"])
+    by_key = {(r["library"], r["schedule"]): r for r in rows}
+    for r in rows:
+        r["vs_fastest_torch"] = r["step_s"] / fastest["step_s"]
+        r["grad_err"] = max_rel_err(r["_grads"], ref)
+        peer = by_key.get(("torch", r["schedule"])) if r["library"] == "bitpipe_fx" else None
+        r["grad_err_vs_torch"] = max_rel_err(r["_grads"], peer["_grads"]) if peer else None
+        r["agrees"] = r["grad_err"] <= AGREE_RTOL and (peer is None or r["grad_err_vs_torch"] <= AGREE_RTOL)
+        r["loss_err"] = abs(r["loss"] - ref_loss) / abs(ref_loss) if r["loss"] is not None else None
+        r["peak_memory"] = " / ".join(f"{m:.0f}" for m in r["peak_memory_mb"])
+    for r in rows:
+        del r["_grads"]
+    payload = {
+        "benchmark": "vs_torch_pipelining",
+        "smoke": args.smoke,
+        "machine": info,
+        "procs": args.procs,
+        "backend": "nccl" if torch.cuda.is_available() else "gloo",
+        "config": cfg,
+        "parameters": sum(g.numel() for g in ref.values()),
+        "reference_loss": ref_loss,
+        "torch_unavailable": [n for n in TORCH_SCHEDULES if n not in torch_names],
+        "fastest_torch": fastest["schedule"],
+        "rows": rows,
+        "seconds": time.perf_counter() - started,
+    }
+    json_path, md_path = write_results(args.out, "vs_torch_pipelining", payload, render(payload))
+    print(f"wrote {json_path} and {md_path} in {payload['seconds']:.0f} s")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
