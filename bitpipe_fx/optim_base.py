@@ -107,6 +107,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             device = group["params"][0].device if group["params"] else torch.device("cpu")
             self._kernels[index] = GroupKernel(self.kind, self.profile(group), device, self.backend)
         kernel = self._kernels[index]
+        kernel.profile = self.profile(group)
         kernel.set_inputs(self.inputs(group), group["lr"])
         return kernel
 

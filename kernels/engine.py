@@ -40,16 +40,29 @@ def triton_available() -> bool:
     return True
 
 
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """'triton' or 'torch' for tensors on `device`: auto picks Triton on CUDA, the torch path elsewhere."""
+    """'triton' or 'torch' for tensors on `device`: auto picks Triton on CUDA, the torch path elsewhere.
+
+    Under the Triton interpreter (TRITON_INTERPRET=1, as in the test suite) the kernels can only
+    address host memory, so auto picks the torch path for CUDA tensors too.
+    """
     if backend not in BACKENDS:
         raise ConfigError(f"backend={backend!r} is not one of {BACKENDS}; use 'auto' unless you are testing.")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
+        return "triton" if device.type == "cuda" and not _interpreting() and triton_available() else "torch"
     if backend == "triton":
         if not triton_available():
             raise ConfigError("backend='triton' needs the triton package: pip install 'bitpipe-fx[kernels]'.")
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        if device.type == "cuda" and _interpreting():
+            raise ConfigError(
+                "backend='triton' on CUDA tensors cannot run under the Triton interpreter (TRITON_INTERPRET=1 "
+                "reads host memory only): unset TRITON_INTERPRET before triton is imported, or use backend='auto'."
+            )
+        if device.type != "cuda" and not _interpreting():
             raise ConfigError(
                 f"backend='triton' on {device.type} tensors runs only under the Triton interpreter: set "
                 f"TRITON_INTERPRET=1 before triton is imported, or use backend='auto'."
