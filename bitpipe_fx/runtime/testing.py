@@ -7,8 +7,9 @@ through the middle stages, and reads the model input again in the last stage: th
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -147,6 +148,13 @@ class ModelCase:
     loss_fn: Callable
     batch: Callable[[int, int], tuple[Any, Any]]  # (rows, seed) -> (inputs, targets)
     split_for: Callable[[Program], SplitModel]
+    _batches: dict[tuple[int, int], tuple[Any, Any]] = field(default_factory=dict)
+
+    def batches(self, rows: int, seed: int) -> tuple[Any, Any]:
+        """``batch(rows, seed)``, made once (the same tensors each time)."""
+        if (rows, seed) not in self._batches:
+            self._batches[(rows, seed)] = self.batch(rows, seed)
+        return self._batches[(rows, seed)]
 
 
 def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -215,6 +223,38 @@ def sgd(params: list[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.1, momentum=0.9)
 
 
+@dataclass(frozen=True)
+class ReferenceRun:
+    """The non-pipelined run the contract compares with: first loss and gradients, parameters after the steps."""
+
+    loss: float
+    grads: dict[str, torch.Tensor]
+    params: dict[str, torch.Tensor]
+
+
+_REFERENCES: dict[tuple, ReferenceRun] = {}
+
+
+def reference_run(case: ModelCase, inputs: Any, targets: Any, n: int, steps: int) -> ReferenceRun:
+    """Reference passes over n micro-batches with ``steps`` SGD steps; cached per case and batch (it does not
+    depend on the schedule)."""
+    key = (id(case), n, steps, *(t.data_ptr() for t in _leaves(inputs, targets)))
+    if key not in _REFERENCES:
+        ref = copy.deepcopy(case.model)
+        loss, grads = reference_grads(ref, inputs, targets, n, case.loss_fn)
+        opt = sgd(list(ref.parameters()))
+        for i in range(steps):
+            if i:
+                reference_grads(ref, inputs, targets, n, case.loss_fn)
+            opt.step()
+        _REFERENCES[key] = ReferenceRun(loss, grads, {k: p.detach().clone() for k, p in ref.named_parameters()})
+    return _REFERENCES[key]
+
+
+def _leaves(*values: Any) -> list[torch.Tensor]:
+    return [t for v in values for t in ((v,) if isinstance(v, torch.Tensor) else v)]
+
+
 def contract_errors(
     case: ModelCase, program: Program, data_parallel: int = 1, steps: int = 3, rows_per_microbatch: int = 2,
     seed: int = 7, **pipe_options: Any,
@@ -230,24 +270,145 @@ def contract_errors(
 
     dp_index = dist.get_rank() // program.devices if dist.is_initialized() else 0
     n = program.microbatches
-    inputs, targets = case.batch(rows_per_microbatch * n * data_parallel, seed)
+    inputs, targets = case.batches(rows_per_microbatch * n * data_parallel, seed)
     mine = (_rows(inputs, data_parallel)[dp_index], _rows(targets, data_parallel)[dp_index])
-    ref = copy.deepcopy(case.model)
     pipe = CompiledPipeline(case.split_for(program), program, case.loss_fn, case.example_inputs, optimizer=sgd,
                             data_parallel=data_parallel, **pipe_options)
     loss = pipe.forward_backward(*mine)
-    ref_loss, ref_grads = reference_grads(ref, inputs, targets, n * data_parallel, case.loss_fn)
     grads = pipe.gradients()
-    grad_err = max(max_rel_err(g, ref_grads[k]) for k, g in grads.items())
-    opt = sgd(list(ref.parameters()))
     for _ in range(steps):
         pipe.step(*mine)
-        reference_grads(ref, inputs, targets, n * data_parallel, case.loss_fn)
-        opt.step()
-    ref_params = dict(ref.named_parameters())
-    param_err = max(max_rel_err(p.detach(), ref_params[k].detach()) for k, p in pipe.named_parameters().items())
+    ref = reference_run(case, inputs, targets, n * data_parallel, steps)
+    grad_err = max(max_rel_err(g, ref.grads[k]) for k, g in grads.items())
+    param_err = max(max_rel_err(p.detach(), ref.params[k]) for k, p in pipe.named_parameters().items())
     return {
         "model": case.name, "schedule": program.name, "devices": program.devices, "dp": data_parallel,
-        "loss_err": abs(loss - ref_loss) / abs(ref_loss), "grad_err": grad_err, "param_err": param_err,
-        "fqns": sorted(grads), "all_fqns": sorted(ref_grads),
+        "loss_err": abs(loss - ref.loss) / abs(ref.loss), "grad_err": grad_err, "param_err": param_err,
+        "fqns": sorted(grads), "all_fqns": sorted(ref.grads),
     }
+
+
+# ---- bodies of launched ranks (module-level so that spawned processes can import them) ------------------
+
+
+def contract_worker(jobs: list[tuple[str, str, int, int, int]], timeout: float = 30.0) -> list[dict[str, Any]]:
+    """On every rank: ``contract_errors`` for each (model, schedule, devices, microbatches, data_parallel)."""
+    import torch.distributed as dist
+
+    from bitpipe_fx.schedules import generate
+
+    torch.set_num_threads(1)
+    cases: dict[tuple[str, int], ModelCase] = {}
+    out = []
+    for model, schedule, devices, microbatches, dp in jobs:
+        key = (model, devices if model == "toy" else 0)  # the toy's depth must divide into 2D stages
+        if key not in cases:
+            cases[key] = model_case(model, max_stages=2 * devices)
+        result = contract_errors(cases[key], generate(schedule, devices, microbatches), data_parallel=dp,
+                                 timeout=timeout)
+        out.append(result | {"rank": dist.get_rank()})
+    return out
+
+
+def compile_worker(trace_path: str, timeout: float = 30.0) -> dict[str, Any]:
+    """On every rank: compile() end to end with D = world size; a recorded step, resume, gather, refusal."""
+    import io
+
+    import torch.distributed as dist
+
+    from bitpipe_fx.api import compile as bp_compile
+    from bitpipe_fx.errors import ConfigError
+    from bitpipe_fx.examples.models import gpt, lm_batch, lm_loss
+
+    torch.set_num_threads(1)
+    world = dist.get_world_size()
+
+    def adam(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.Adam(params, lr=0.01)
+
+    n = 2 * world
+    batches = [lm_batch(128, 2 * n, 16, seed=50 + i) for i in range(3)]
+    model, example = gpt()
+    pipe = bp_compile(model, example, lm_loss, schedule="bitpipe", devices=world, microbatches=n,
+                      optimizer=adam, timeout=timeout, trace_path=trace_path)
+    losses = [pipe.step(*batches[0], record=True)]
+    timeline = list(pipe.last_timeline)
+    buf = io.BytesIO()
+    torch.save(pipe.state_dict(), buf)
+    losses += [pipe.step(*b) for b in batches[1:]]
+    buf.seek(0)
+    resumed = bp_compile(gpt(seed=1)[0], example, lm_loss, schedule="bitpipe", devices=world,
+                         microbatches=n, optimizer=adam, timeout=timeout)
+    resumed.load_state_dict(torch.load(buf, weights_only=False))
+    resumed_losses = [resumed.step(*b) for b in batches[1:]]
+    a, b = pipe.state_dict(), resumed.state_dict()
+    identical = all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]) and all(
+        torch.equal(v, b["optimizer"]["state"][f][k])
+        for f, st in a["optimizer"]["state"].items() for k, v in st.items()
+    )
+    full = pipe.full_state_dict()
+    full_ok = None
+    if dist.get_rank() == 0:
+        fresh = gpt(seed=2)[0]
+        fresh.load_state_dict(full, strict=True)
+        full_ok = list(full) == list(model.state_dict())
+    try:
+        bp_compile(model, example, lm_loss, schedule="1f1b", devices=world + 1, microbatches=2)
+        refusal = ""
+    except ConfigError as exc:
+        refusal = str(exc)
+    return {"rank": dist.get_rank(), "losses": losses, "resumed_losses": resumed_losses, "identical": identical,
+            "timeline": timeline, "full_ok": full_ok, "refusal": refusal, "program": pipe.program.to_json()}
+
+
+def sequence_worker(calls: list[tuple[Callable[..., Any], tuple]]) -> list[Any]:
+    """On every rank: run several worker bodies in one launched group (spawning costs seconds)."""
+    return [fn(*args) for fn, args in calls]
+
+
+def fault_worker(mode: str, timeout: float) -> None:
+    """2 ranks, 1f1b: step 1 is fine; in step 2, rank 1 (the last stage) raises or stalls in its 3rd loss.
+
+    Rank 0 must then raise PipelineRuntimeError within ``timeout`` (+ slack); its message names rank 1.
+    """
+    import time
+
+    import torch.distributed as dist
+
+    from bitpipe_fx.api import CompiledPipeline
+    from bitpipe_fx.schedules import generate
+
+    torch.set_num_threads(1)
+    calls = [0]
+
+    def flaky_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        if calls[0] == 4 + 3:
+            if mode == "raise":
+                raise ValueError("injected failure in loss_fn on rank 1")
+            if mode == "die":
+                os._exit(3)
+            time.sleep(10 * timeout)
+        return _mse(out, y)
+
+    program = generate("1f1b", 2, 4)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Toy(depth=2)
+    pipe = CompiledPipeline(toy_split(model, 2), program, flaky_loss, torch.zeros(2, 5),
+                            optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1), timeout=timeout)
+    x, y = torch.randn(8, 5), torch.randn(8, 5)
+    pipe.step(x, y)
+    start = time.monotonic()
+    try:
+        pipe.step(x, y)
+    except Exception as exc:
+        raise type(exc)(f"{exc} [rank {dist.get_rank()} failed {time.monotonic() - start:.1f}s into the step]") from exc
+    raise AssertionError(f"rank {dist.get_rank()} finished a step whose peer failed")
+
+
+def fault_main() -> None:
+    """Body of a script for ``python -m bitpipe_fx.runtime.launch``: ``fault_worker(argv[1], argv[2])``."""
+    import sys
+
+    fault_worker(sys.argv[1], float(sys.argv[2]))
