@@ -103,9 +103,9 @@ def cost_model(rows: tuple[StageCost, ...], hw: Hardware, devices: int) -> CostM
     )
 
 
-def peak_stash_bytes(report: SimReport, program: Program, rows: tuple[StageCost, ...]) -> float:
-    """Max over devices of the stored activations: each F holds its stage's computed values until B (or W)."""
-    free_kind = "W" if program.split_backward else "B"
+def peak_stash_bytes(report: SimReport, rows: tuple[StageCost, ...]) -> float:
+    """Max over devices of the stored activations: each F holds its stage's computed values until its B or W
+    (I keeps what W needs)."""
     peak = 0.0
     for d in range(report.devices):
         changes = []
@@ -114,7 +114,7 @@ def peak_stash_bytes(report: SimReport, program: Program, rows: tuple[StageCost,
                 continue
             if e.kind == "F":
                 changes.append((e.start, 1, rows[e.stage].activation_bytes))
-            elif e.kind == free_kind:
+            elif e.kind in ("B", "W"):
                 changes.append((e.end, 0, -rows[e.stage].activation_bytes))
         held = 0.0
         for _, _, delta in sorted(changes):
@@ -141,7 +141,7 @@ def run_setting(model: str, costs: CostTable, devices: int, microbatches: int, h
             "step_ms": report.makespan * 1e3,
             "bubble": report.bubble_ratio,
             "partition_balance": balance,
-            "peak_activation_gb": peak_stash_bytes(report, program, stages) / GB,
+            "peak_activation_gb": peak_stash_bytes(report, stages) / GB,
             "weight_gb": max(report.weight_byte_counts) / GB,
             "p2p_gb": report.bytes_moved / GB,
             "p2p_messages": report.messages_cross,

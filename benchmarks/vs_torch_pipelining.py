@@ -6,7 +6,9 @@ installed torch has it) get hand-set split points, as their users must write the
 per stage, the embedding in the first stage, the LM head in the last, and the tied embedding/head weight
 kept as two copies whose gradients are summed after the step (locally when one rank holds both stages, by
 an all-reduce otherwise). bitpipe_fx runs 1f1b, interleaved, zbv, dualpipev and bitpipe, all from
-``bitpipe_fx.compile`` (its own partition).
+``bitpipe_fx.compile`` (its own partition). One more torch row, ``1f1b-autocut``, runs torch's Schedule1F1B on
+bitpipe_fx's 1f1b stage modules (its passes, not its runtime): it separates what the cut points are worth
+from what the runtime is worth.
 
 Each (library, schedule) runs in fresh processes: the first step's gradients are returned and checked
 against a non-pipelined reference (and against each other), then warm-up steps, then timed steps
@@ -53,7 +55,9 @@ TORCH_SCHEDULES = {  # name -> (torch class name, stages per rank, placement sty
     "interleaved": ("ScheduleInterleaved1F1B", 2, "loop"),
     "zbv": ("ScheduleZBVZeroBubble", 2, "v"),
     "dualpipev": ("ScheduleDualPipeV", 2, "v"),
+    "1f1b-autocut": ("Schedule1F1B", 1, "loop"),  # bitpipe_fx's cut points (its passes) under torch's 1F1B
 }
+AUTOCUT = "-autocut"
 BITPIPE_SCHEDULES = ("1f1b", "interleaved", "zbv", "dualpipev", "bitpipe")
 FULL = {"model": {"vocab": 2048, "seq": 128, "dim": 256, "heads": 4, "layers": 8, "micro_batch": 2},
         "microbatches": 8, "warmup": 2, "steps": 5}
@@ -139,6 +143,53 @@ def _sync(device: torch.device) -> None:
     dist.barrier()
 
 
+def hand_stages(cfg: dict[str, Any], n_stages: int, mine: list[int], device: torch.device
+                ) -> tuple[dict[int, nn.Module], dict[int, str], list[nn.Parameter]]:
+    """Equal blocks per stage; returns (stage -> module, id(param) -> FQN, this rank's copies of the tied weight)."""
+    if cfg["layers"] % n_stages:
+        raise ValueError(f"layers={cfg['layers']} must be a multiple of the {n_stages} hand-cut stages")
+    model, _ = gpt(**cfg)
+    model.to(device)
+    names = {id(p): n for n, p in model.named_parameters()}
+    per = cfg["layers"] // n_stages
+    modules = {s: HandStage(model, s * per, (s + 1) * per, s == 0, s == n_stages - 1) for s in mine}
+    tied = [m.tok_emb.weight for m in modules.values() if m.first] + [m.head_weight for m in modules.values()
+                                                                       if m.last]
+    return modules, names, tied
+
+
+class CutStage(nn.Module):
+    """A bitpipe_fx stage module in torch.distributed.pipelining's shape: one tensor out where there is one."""
+
+    def __init__(self, stage: nn.Module) -> None:
+        super().__init__()
+        self.stage = stage
+
+    def forward(self, *values: torch.Tensor) -> Any:
+        out = self.stage(*values)
+        return out[0] if len(out) == 1 else out
+
+
+def cut_stages(cfg: dict[str, Any], microbatches: int, n_stages: int, mine: list[int], device: torch.device
+               ) -> tuple[dict[int, nn.Module], dict[int, str], list[nn.Parameter]]:
+    """bitpipe_fx's 1f1b partition (its passes, no runtime) wrapped for torch; same return as ``hand_stages``."""
+    from bitpipe_fx.plan import build_plan
+
+    model, example = gpt(**cfg)
+    model.to(device)
+    _, split = build_plan(model, tuple(t.to(device) for t in example), "1f1b", n_stages, microbatches)
+    if any(spec.model_inputs for spec in split.specs[1:]):
+        raise ValueError("a later stage reads a model input; torch.distributed.pipelining feeds only stage 0")
+    modules = {s: CutStage(split.stages[s]) for s in mine}
+    names, tied = {}, []
+    for m in modules.values():
+        for name, p in m.stage.named_parameters():
+            names[id(p)] = name
+            if name in split.shared:
+                tied.append(p)
+    return modules, names, tied
+
+
 def run_torch(schedule: str, cfg: dict[str, Any], microbatches: int, warmup: int, steps: int) -> dict[str, Any]:
     """One rank of a torch.distributed.pipelining run (launched in fresh processes)."""
     from torch.distributed.pipelining import PipelineStage
@@ -147,36 +198,34 @@ def run_torch(schedule: str, cfg: dict[str, Any], microbatches: int, warmup: int
     cls_name, per_rank, style = TORCH_SCHEDULES[schedule]
     rank, ranks = dist.get_rank(), dist.get_world_size()
     device = _device()
-    model, _ = gpt(**cfg)
-    model.to(device)
-    names = {id(p): n for n, p in model.named_parameters()}
     n_stages = per_rank * ranks
-    if cfg["layers"] % n_stages:
-        raise ValueError(f"layers={cfg['layers']} must be a multiple of the {n_stages} hand-cut stages")
-    per = cfg["layers"] // n_stages
     owner = stage_ranks(style, ranks, n_stages)
     mine = [s for s in range(n_stages) if owner[s] == rank]
-    modules = {s: HandStage(model, s * per, (s + 1) * per, s == 0, s == n_stages - 1) for s in mine}
+    if schedule.endswith(AUTOCUT):
+        modules, names, tied = cut_stages(cfg, microbatches, n_stages, mine, device)
+    else:
+        modules, names, tied = hand_stages(cfg, n_stages, mine, device)
     stages = [PipelineStage(modules[s], s, n_stages, device) for s in mine]
-    first_rank, last_rank = owner[0], owner[-1]
-    tie_group = dist.new_group([first_rank, last_rank]) if first_rank != last_rank else None
+    tie_ranks = sorted({owner[0], owner[-1]})
+    tie_group = dist.new_group(tie_ranks) if len(tie_ranks) > 1 else None
     cls = getattr(torch_schedules, cls_name)
     sched = cls(stages[0], microbatches, loss_fn=lm_loss) if per_rank == 1 else cls(stages, microbatches,
                                                                                       loss_fn=lm_loss)
     tokens, targets = (t.to(device) for t in batch(cfg, microbatches))
-    del model
     gc.collect()
 
-    def tied_grad() -> torch.Tensor | None:
-        """Sum the embedding's and the head copy's gradients (what a torch user must write)."""
-        emb = modules[0].tok_emb.weight.grad if 0 in modules else None
-        head = modules[n_stages - 1].head_weight.grad if n_stages - 1 in modules else None
-        if tie_group is None:
-            return emb + head if emb is not None and head is not None else None
-        local = emb if emb is not None else head
-        if local is not None:
-            dist.all_reduce(local, group=tie_group)
-        return local
+    def sum_tied() -> None:
+        """Give every copy of the tied embedding/head weight the sum of all copies' gradients (a torch user's
+        job: locally when one rank holds both uses, else an all-reduce between the two ranks)."""
+        if not tied:
+            return
+        total = tied[0].grad.clone()
+        for p in tied[1:]:
+            total += p.grad
+        if tie_group is not None:
+            dist.all_reduce(total, group=tie_group)
+        for p in tied:
+            p.grad = total
 
     losses: list[torch.Tensor] = []
 
@@ -187,13 +236,7 @@ def run_torch(schedule: str, cfg: dict[str, Any], microbatches: int, warmup: int
         args = (tokens,) if 0 in modules else ()
         target = targets if n_stages - 1 in modules else None
         sched.step(*args, target=target, losses=losses)
-        tied = tied_grad()
-        if tied is not None:
-            for m in modules.values():
-                if m.first:
-                    m.tok_emb.weight.grad = tied
-                if m.last:
-                    m.head_weight.grad = tied
+        sum_tied()
 
     reset_peak_memory()
     before = memory_now()
@@ -207,7 +250,7 @@ def run_torch(schedule: str, cfg: dict[str, Any], microbatches: int, warmup: int
     times = time_steps(step, warmup, steps, sync=lambda: _sync(device))
     kind, peak = peak_memory()
     return {"rank": rank, "times": times, "loss": loss, "grads": grads, "memory_kind": kind,
-            "peak_memory": peak, "memory_before": before}
+            "peak_memory": peak, "memory_before": before, "stages": n_stages}
 
 
 # ---- bitpipe_fx ----------------------------------------------------------------------------------
@@ -295,15 +338,18 @@ def render(payload: dict[str, Any]) -> str:
         f"batch = {cfg['microbatches']} micro-batches x {model['micro_batch']} sequences; {payload['procs']} "
         f"{payload['backend']} processes, 1 thread each; median of {cfg['steps']} steps after {cfg['warmup']} "
         f"warm-up (gradients only, no optimizer; barrier before and after each step). 'vs fastest torch' = step "
-        f"time / the fastest torch schedule's ({payload['fastest_torch']}); below 1 is faster. Peak memory = "
-        f"{rows[0]['memory_kind'] if rows else ''} per process (MB) during the steps. Gradients: max over "
+        f"time / the fastest hand-cut torch schedule's ({payload['fastest_torch']}); below 1 is faster. "
+        "1f1b-autocut = torch's Schedule1F1B on bitpipe_fx's stage modules (its cut points). Peak memory = "
+        f"{rows[0]['memory_kind'] if rows else ''} per process (MB) during the steps; 'of which steps' = that peak "
+        f"minus the memory in use just before the first step (model, imports). Gradients: max over "
         f"parameters of max|g - g_ref| / max|g_ref| against the non-pipelined reference (float32; agree if "
         f"<= {AGREE_RTOL:g}).",
         "",
         markdown_table(rows, [
             Column("library", "library"), Column("schedule", "schedule"), Column("stages", "stages"),
             Column("step_s", "step s", ".3f"), Column("vs_fastest_torch", "vs fastest torch", ".3f"),
-            Column("peak_memory", "peak memory MB (per rank)"), Column("grad_err", "grad err vs ref", ".1e"),
+            Column("peak_memory", "peak memory MB (per rank)"), Column("step_memory", "of which steps MB"),
+            Column("grad_err", "grad err vs ref", ".1e"),
             Column("grad_err_vs_torch", "vs torch same schedule", ".1e"), Column("agrees", "agrees"),
         ]),
     ]
@@ -342,7 +388,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         row = measure(library, schedule, args.procs, cfg["model"], cfg["microbatches"], cfg["warmup"], cfg["steps"])
         print(f"{library:10s} {schedule:12s} {row['step_s']:.3f} s/step ({row['wall_s']:.0f} s wall)", flush=True)
         rows.append(row)
-    fastest = min((r for r in rows if r["library"] == "torch"), key=lambda r: r["step_s"])
+    torch_rows = [r for r in rows if r["library"] == "torch"]
+    fastest = min([r for r in torch_rows if not r["schedule"].endswith(AUTOCUT)] or torch_rows,
+                  key=lambda r: r["step_s"])
     by_key = {(r["library"], r["schedule"]): r for r in rows}
     for r in rows:
         r["vs_fastest_torch"] = r["step_s"] / fastest["step_s"]
@@ -352,6 +400,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         r["agrees"] = r["grad_err"] <= AGREE_RTOL and (peer is None or r["grad_err_vs_torch"] <= AGREE_RTOL)
         r["loss_err"] = abs(r["loss"] - ref_loss) / abs(ref_loss) if r["loss"] is not None else None
         r["peak_memory"] = " / ".join(f"{m:.0f}" for m in r["peak_memory_mb"])
+        r["step_memory"] = " / ".join(f"{m - b:.0f}" for m, b in zip(r["peak_memory_mb"], r["memory_before_mb"]))
     for r in rows:
         del r["_grads"]
     payload = {
