@@ -54,11 +54,13 @@ class TimelineReport:
 
 
 def compare_timelines(plan: Any, measured: Sequence[TraceEvent], step: int) -> TimelineReport:
-    """Simulate ``plan`` with its cost model and scale the prediction to the measured compute time."""
+    """Simulate ``plan`` with its cost model and scale the prediction to the measured compute time of the
+    first pipeline (ranks 0..D-1)."""
     from bitpipe_fx.sim import simulate
 
     devices = plan.program.devices
     report = simulate(plan.program, plan.cost_model())
+    measured = [e for e in measured if e.device < devices]  # ranks >= D are further data-parallel pipelines
     t0 = min((e.start for e in measured), default=0.0)
     measured = tuple(replace(e, start=e.start - t0, end=e.end - t0) for e in measured)
     measured_busy = sum(e.duration for e in measured if e.kind in COMPUTE)

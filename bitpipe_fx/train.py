@@ -29,7 +29,7 @@ from bitpipe_fx.job import DTYPES, OPTIMIZERS, TrainConfig, check, factory_targe
 
 # `bitpipe-fx demo`: a GPT-style byte-level LM on the standard library's source, bitpipe on 4 local processes
 DEMO = {
-    "steps": 150, "eval_every": 25, "compare_steps": 3, "out": "runs/demo", "arg": ["dim=96", "layers=8", "heads=4"],
+    "steps": 200, "eval_every": 25, "compare_steps": 3, "out": "runs/demo", "arg": ["dim=96", "layers=8", "heads=4"],
 }
 
 
@@ -190,7 +190,7 @@ def _torchrun(cfg: TrainConfig, backend: str, plan_path: str | None, start: int,
 
 def _header(cfg: TrainConfig, command: str, model: Any, corpus: Any, torchrun: bool, backend: str, start: int) -> str:
     params = sum(p.numel() for p in model.parameters())
-    where = ("this torchrun rank" if torchrun else "one process (--local)" if cfg.local
+    where = (f"{cfg.processes} torchrun processes" if torchrun else "one process (--local)" if cfg.local
              else f"{cfg.processes} local processes")
     schedule = cfg.schedule + "".join(f":{k}={v}" for k, v in cfg.schedule_options)
     rows = cfg.rows_per_microbatch
@@ -214,8 +214,10 @@ def finish(cfg: TrainConfig, result: Any, start: int) -> int:
     plan = Plan.from_json(result.plan_json)
     metrics: dict[str, Any] = {"config": cfg.to_dict(), "parameters": result.parameters, **history.to_dict()}
     last_val = history.val[-1][1] if history.val else float("nan")
-    print(f"done: step {history.step}, train loss {history.losses[0]:.4f} (step 1) -> {history.losses[-1]:.4f}, "
-          f"validation loss {last_val:.4f}; median {_median(history.tokens_per_s[start:]):,.0f} tokens/s")
+    tail = history.losses[-10:]
+    print(f"done: step {history.step}; train loss {history.losses[0]:.4f} at step 1, {sum(tail) / len(tail):.4f} "
+          f"over the last {len(tail)} steps; validation loss {last_val:.4f}; "
+          f"median {_median(history.tokens_per_s[start:]):,.0f} tokens/s")
     title = (f"{plan.model} on {Path(cfg.data).name if cfg.data else 'the Python standard library'}: "
              f"{cfg.schedule}, D={cfg.devices}, N={cfg.microbatches}, {cfg.optimizer}")
     written = [plot_losses(out / "loss.png", history.losses, history.val, title)]
@@ -224,6 +226,10 @@ def finish(cfg: TrainConfig, result: Any, start: int) -> int:
         meta = {"schedule": cfg.schedule, "devices": cfg.devices, "microbatches": cfg.microbatches}
         written += write_timeline_files(out, timeline, meta)
         print(timeline.describe())
+        cores = os.cpu_count() or 1
+        if not cfg.local and not under_torchrun() and cfg.processes > cores and backend_is_cpu(cfg):
+            print(f"  ({cfg.processes} processes share {cores} CPU cores here, so a device computes at most "
+                  f"{cores / cfg.processes:.0%} of the time: the measured bubble includes waiting for a core)")
         metrics["timeline"] = {"step": timeline.step, "measured_bubble": timeline.measured_bubble,
                                "predicted_bubble": timeline.predicted_bubble,
                                "measured_makespan_s": timeline.measured_makespan}
@@ -240,6 +246,11 @@ def finish(cfg: TrainConfig, result: Any, start: int) -> int:
     names = ", ".join(p.name for p in [*written, out / "metrics.json", out / "plan.json"])
     print(f"wrote {out}/: {names}, checkpoint/ (continue with --resume --steps N)")
     return status
+
+
+def backend_is_cpu(cfg: TrainConfig) -> bool:
+    """Whether the ranks ran on the CPU (no GPU per process)."""
+    return _backend(cfg, cfg.processes) == "gloo"
 
 
 def _median(values: list[float]) -> float:

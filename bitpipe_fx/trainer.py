@@ -52,7 +52,8 @@ def device_for(backend: str | None, cpu: bool) -> torch.device:
 
 
 class Progress:
-    """tqdm bar on a terminal; on anything else, one plain line per validation (no carriage-return spam)."""
+    """tqdm bar on a terminal; on anything else, one plain line per validation (no carriage-return spam)
+    with the mean training loss and the median tokens/s of the steps since the previous line."""
 
     def __init__(self, total: int, start: int, enabled: bool) -> None:
         self.enabled, self.total = enabled, total
@@ -65,8 +66,10 @@ class Progress:
             self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
                             mininterval=0.25)
         self.last = ""
+        self.recent: list[tuple[float, float]] = []  # (loss, tokens/s) of the steps since the last line
 
     def step(self, k: int, loss: float, tokens_per_s: float) -> None:
+        self.recent.append((loss, tokens_per_s))
         self.last = f"loss {loss:.4f}, {tokens_per_s:,.0f} tok/s"
         if self.bar is not None:
             self.bar.set_postfix_str(self.last, refresh=False)
@@ -80,7 +83,10 @@ class Progress:
             return
         done = k - self.start
         eta = (time.perf_counter() - self.t0) / done * (self.total - k) if done else 0.0
-        print(f"step {k:>5}/{self.total}  {self.last}  {text}  ETA {eta:4.0f} s", flush=True)
+        losses, speeds = zip(*self.recent) if self.recent else ((float("nan"),), (0.0,))
+        self.recent = []
+        print(f"step {k:>5}/{self.total}  train loss {sum(losses) / len(losses):.4f}  {text}  "
+              f"{sorted(speeds)[len(speeds) // 2]:7,.0f} tok/s  ETA {eta:4.0f} s", flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
