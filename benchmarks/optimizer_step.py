@@ -203,7 +203,7 @@ def check(device: torch.device, steps: int) -> dict[str, Any]:
             lambda ps: bpo.ScheduleFreeSGD(ps, momentum=0.85, **kw),
             lambda ps: schedulefree.SGDScheduleFree(ps, momentum=0.85, **kw), None),
     }
-    profile = bpo.LRProfile("rex", total_steps=steps, warmup_steps=10, min_lr=1e-4)
+    profile = bpo.LRProfile("rex", total_steps=steps, warmup_steps=steps // 6, min_lr=1e-4)
     pairs["AdamW(rex) vs torch AdamW + LambdaLR"] = (
         lambda ps: bpo.AdamW(ps, lr=1e-2, lr_profile=profile),
         lambda ps: torch.optim.AdamW(ps, lr=1e-2), lambda opt: torch.optim.lr_scheduler.LambdaLR(
