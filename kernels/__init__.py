@@ -16,14 +16,18 @@ parameters views of one buffer), or give the kernel a table of addresses. We use
   re-homing ``p.data`` and keeping ``p.grad`` a view of a flat buffer, which breaks as soon as
   ``zero_grad(set_to_none=True)`` (the default) or a user's own code replaces a gradient;
 * a table costs 8 bytes per tensor and slot plus 4 bytes per block of ``BLOCK`` elements (under
-  0.1 % of the traffic), is rebuilt only when an address changes, and works unchanged with the
-  runtime's flat gradient buckets, with state tensors loaded from a checkpoint and with mixed
-  dtypes (one table per dtype bucket);
+  0.1 % of the traffic), is rebuilt only when an address changes (the check is one tuple compare
+  per step, ~0.2 ms of host time for 292 tensors), and works unchanged with the runtime's flat
+  gradient buckets, with state tensors loaded from a checkpoint and with mixed dtypes (one table
+  per dtype bucket);
 * the state could be flat (we own it), but per-parameter state tensors keep ``state_dict()``
   in the layout torch and the ``schedulefree`` package use, so checkpoints interoperate.
 
-Each program looks up its tensor in a block map and its offset inside it; offsets are int64,
-so a tensor (or a group) of more than 2^31 elements is handled. Blocks never straddle tensors:
+The table stores each tensor's element offset from one base tensor per slot rather than its raw
+address: the kernel forms ``base + offset``, so the compiler can prove 16-byte alignment (an
+int-to-pointer cast would hide it and give scalar loads). Each program looks up its tensor in a
+block map and its offset inside it; offsets are int64, so a tensor (or a group) of more than
+2^31 elements is handled. Blocks never straddle tensors:
 full blocks take an unmasked path with 16-byte vector accesses when every address in the table
 is 16-byte aligned (otherwise the bucket runs without the alignment hint), the last block of a
 tensor takes a masked path.
@@ -47,7 +51,8 @@ to float32 rounding and float64 results to float64 rounding.
 
 The CPU path (:mod:`.torch_step`) runs the same math with torch's multi-tensor ops and is
 chosen automatically for non-CUDA tensors; under ``TRITON_INTERPRET=1`` the Triton kernels
-themselves run on CPU tensors (``backend='triton'``), which is how the tests check them.
+themselves run on CPU tensors (``backend='triton'``), which is how the tests check them (and,
+since the interpreter cannot read device memory, CUDA tensors then take the torch path).
 """
 
 from bitpipe_fx.kernels.engine import BACKENDS, DEFAULT_BLOCK, DEFAULT_NUM_WARPS, GroupKernel, resolve_backend
