@@ -3,7 +3,8 @@
 The parent owns the rendezvous store (127.0.0.1, a port the OS picks, so parallel launches never clash),
 watches every child's result pipe and exit, and on the first failure gives the others ``grace`` seconds to
 end by themselves (the runtime's bounded waits make them raise PipelineRuntimeError) before killing them.
-It then raises ``LaunchError`` carrying the first traceback and every rank's outcome.
+It then raises ``LaunchError`` carrying the first failure's traceback (a rank's own error ranks before the
+PipelineRuntimeErrors it caused in its peers) and every rank's outcome.
 
     python -m bitpipe_fx.runtime.launch --nprocs 4 train.py --steps 10
 """
@@ -11,6 +12,7 @@ It then raises ``LaunchError`` carrying the first traceback and every rank's out
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pickle
 import runpy
@@ -113,23 +115,23 @@ def _watch(procs: list, readers: dict[int, Connection], grace: float, join_timeo
         ready = wait([readers[r] for r in live] + [procs[r].sentinel for r in live], timeout=0.2)
         for rank in sorted(live):
             reader, proc = readers[rank], procs[rank]
-            if reader in ready or (proc.sentinel in ready and reader.poll()):
-                try:
-                    status, body, err = reader.recv()
-                except EOFError:
-                    status, body, err = "error", "", "no report"
-                if status == "ok":
-                    results[rank] = pickle.loads(body)
-                else:
-                    tracebacks[rank], errors[rank] = body, err
-                    order.append(rank)
-                live.discard(rank)
-            elif proc.sentinel in ready:
-                proc.join()
+            if reader not in ready and proc.sentinel not in ready:
+                continue
+            report = None
+            if reader.poll():
+                with contextlib.suppress(EOFError):  # EOF: died without reporting; the exit code says how
+                    report = reader.recv()
+            if report is not None and report[0] == "ok":
+                results[rank] = pickle.loads(report[1])
+            elif report is not None:
+                tracebacks[rank], errors[rank] = report[1], report[2]
+                order.append(rank)
+            else:
+                proc.join(timeout=5)
                 tracebacks[rank] = f"rank {rank} exited with code {proc.exitcode} without reporting\n"
                 errors[rank] = f"exit code {proc.exitcode}"
                 order.append(rank)
-                live.discard(rank)
+            live.discard(rank)
         now = time.monotonic()
         if order and kill_at is None:
             kill_at = now + grace
@@ -144,6 +146,8 @@ def _watch(procs: list, readers: dict[int, Connection], grace: float, join_timeo
     for p in procs:
         p.join(timeout=5)
     if order:
+        # a rank's own error before the PipelineRuntimeErrors it caused in its peers, kills last
+        order.sort(key=lambda r: (errors[r] == "killed", errors[r] == "PipelineRuntimeError"))
         first = order[0]
         others = ", ".join(f"rank {r}: {errors[r]}" for r in order[1:]) or "none"
         raise LaunchError(
