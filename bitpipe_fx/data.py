@@ -2,7 +2,8 @@
 
 By default the corpus is the Python standard library's own source files (``*.py`` under ``sysconfig``'s
 ``stdlib`` path, tests and installed packages left out): text that exists wherever Python does. Any other
-text file or directory can be given instead. Files are read in sorted order up to ``max_bytes``; a file goes
+text file or directory can be given instead (in a directory, hidden entries and binary files, those with a
+NUL byte in their first 8 KiB, are skipped). Files are read in sorted order up to ``max_bytes``; a file goes
 to validation when the CRC-32 of its relative path is 0 modulo ``VAL_EVERY``, so the split is the same on every
 machine and every run (a single file is split at 90 %). NUL bytes are dropped so that byte 0 can play
 ``[MASK]`` for masked-LM training; the vocabulary is the 256 byte values.

@@ -228,8 +228,8 @@ def finish(cfg: TrainConfig, result: Any, start: int) -> int:
         print(timeline.describe())
         cores = os.cpu_count() or 1
         if not cfg.local and not under_torchrun() and cfg.processes > cores and backend_is_cpu(cfg):
-            print(f"  ({cfg.processes} processes share {cores} CPU cores here, so a device computes at most "
-                  f"{cores / cfg.processes:.0%} of the time: the measured bubble includes waiting for a core)")
+            print(f"  ({cfg.processes} processes share {cores} CPU cores here: each has a core about "
+                  f"{cores / cfg.processes:.0%} of the time, and the measured step includes waiting for one)")
         metrics["timeline"] = {"step": timeline.step, "measured_bubble": timeline.measured_bubble,
                                "predicted_bubble": timeline.predicted_bubble,
                                "measured_makespan_s": timeline.measured_makespan}
