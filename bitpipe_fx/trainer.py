@@ -117,6 +117,20 @@ def _thread_lock_for_tqdm() -> None:
     tqdm.set_lock(threading.RLock())
 
 
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The random-number state a resumed run needs (dropout): CPU, and the GPU's on a CUDA rank."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -146,7 +160,7 @@ def worker(cfg: TrainConfig, plan_path: str | None, start: int, history: History
     if start:
         state = checkpoint.load_rank(cfg.out, start, rank, device)
         pipe.load_state_dict(state["pipe"])
-        torch.set_rng_state(state["rng"])
+        _set_rng_state(state["rng"], device)
     dp_index = rank // cfg.devices if pipe.distributed else 0
 
     def batch(data: Any) -> Any:
@@ -177,7 +191,7 @@ def worker(cfg: TrainConfig, plan_path: str | None, start: int, history: History
         if k % cfg.eval_every == 0:
             validate(k)
         if (cfg.save_every and k % cfg.save_every == 0) or k == cfg.steps:
-            checkpoint.save_rank(cfg.out, k, rank, {"pipe": pipe.state_dict(), "rng": torch.get_rng_state()})
+            checkpoint.save_rank(cfg.out, k, rank, {"pipe": pipe.state_dict(), "rng": _rng_state(device)})
             _barrier()
             if rank == 0:
                 checkpoint.commit(cfg.out, k, cfg, history)
