@@ -82,7 +82,9 @@ def test_compile_end_to_end(group, request):
         assert run["resumed_losses"] == run["losses"][1:]  # resuming from the checkpoint is bit-identical
         assert run["identical"]
         assert f"world size {world} but devices x data_parallel = {world + 1} x 1" in run["refusal"]
+        assert run["eval_loss"] == runs[0]["eval_loss"]
     assert runs[0]["full_ok"] is True
+    assert runs[0]["eval_err"] <= 1e-5  # float32: evaluate() vs the gathered model run on its own
     program = Program.from_json(runs[0]["program"])
     events = read_chrome_trace(trace)
     compute = sorted((e.device, e.name) for e in events if e.kind in ("F", "B", "I", "W"))

@@ -22,7 +22,8 @@ from bitpipe_fx.runtime.specs import TensorSpec
 from bitpipe_fx.runtime.timeline import Recorder
 from bitpipe_fx.schedules.ir import Placement
 
-_GROUPS: dict[tuple[int, tuple[int, ...], int], object] = {}
+_GROUPS: dict[tuple[tuple[int, ...], int], object] = {}
+_GROUPS_WORLD: list[object] = []  # the world the cached groups belong to (held, so it is never mistaken)
 
 
 def replica_ranks(placement: Placement, stage: int, data_parallel: int) -> tuple[int, ...]:
@@ -36,7 +37,9 @@ def stage_groups(placement: Placement, data_parallel: int, timeout: float) -> di
 
     Groups are cached per (world, ranks, ordinal) and reused by later compiles with the same layout.
     """
-    world = id(dist.group.WORLD)
+    if not _GROUPS_WORLD or _GROUPS_WORLD[0] is not dist.group.WORLD:
+        _GROUPS.clear()
+        _GROUPS_WORLD[:] = [dist.group.WORLD]
     seen: dict[tuple[int, ...], int] = {}
     groups = {}
     for stage in range(placement.stages):
@@ -44,7 +47,7 @@ def stage_groups(placement: Placement, data_parallel: int, timeout: float) -> di
         if len(ranks) < 2:
             continue
         ordinal = seen[ranks] = seen.get(ranks, -1) + 1
-        key = (world, ranks, ordinal)
+        key = (ranks, ordinal)
         if key not in _GROUPS:
             _GROUPS[key] = dist.new_group(list(ranks), timeout=timedelta(seconds=timeout))
         groups[stage] = _GROUPS[key]

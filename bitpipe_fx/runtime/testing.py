@@ -347,18 +347,24 @@ def compile_worker(trace_path: str, timeout: float = 30.0) -> dict[str, Any]:
         for f, st in a["optimizer"]["state"].items() for k, v in st.items()
     )
     full = pipe.full_state_dict()
-    full_ok = None
-    if dist.get_rank() == 0:
+    eval_loss = pipe.evaluate(*batches[0])
+    full_ok, eval_err = None, None
+    if dist.get_rank() == 0:  # the gathered model, run without the pipeline, gives the pipeline's eval loss
         fresh = gpt(seed=2)[0]
         fresh.load_state_dict(full, strict=True)
         full_ok = list(full) == list(model.state_dict())
+        with torch.no_grad():
+            parts = zip(batches[0][0].tensor_split(n), batches[0][1].tensor_split(n))
+            ref = sum(float(lm_loss(fresh(x), y)) for x, y in parts) / n
+        eval_err = abs(eval_loss - ref) / ref
     try:
         bp_compile(model, example, lm_loss, schedule="1f1b", devices=world + 1, microbatches=2)
         refusal = ""
     except ConfigError as exc:
         refusal = str(exc)
     return {"rank": dist.get_rank(), "losses": losses, "resumed_losses": resumed_losses, "identical": identical,
-            "timeline": timeline, "full_ok": full_ok, "refusal": refusal, "program": pipe.program.to_json()}
+            "timeline": timeline, "full_ok": full_ok, "eval_loss": eval_loss, "eval_err": eval_err,
+            "refusal": refusal, "program": pipe.program.to_json()}
 
 
 def sequence_worker(calls: list[tuple[Callable[..., Any], tuple]]) -> list[Any]:
