@@ -61,7 +61,7 @@ def _worker(fn: Callable[..., Any], rank: int, nprocs: int, backend: str, port: 
     try:
         dist.barrier()  # nobody tears down connections a peer is still reading from
         dist.destroy_process_group()
-    finally:
+    except BaseException:  # a peer failed after this rank finished: its error is reported, not this one
         os._exit(0)
 
 
