@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,6 +19,7 @@ from torch import nn
 
 from bitpipe_fx.errors import PipelineRuntimeError
 from bitpipe_fx.passes.stages import SplitModel, StageSpec
+from bitpipe_fx.runtime import splitbw
 from bitpipe_fx.schedules.ir import Placement
 
 
@@ -65,7 +66,7 @@ class _Saved:
     roots: list[torch.Tensor]  # outputs (or [loss]) that require grad
     root_index: list[int]  # index among the floating outputs of each root (gradient to use)
     out_grads: list[torch.Tensor] | None = None  # kept between I and W
-    params: list[nn.Parameter] = field(default_factory=list)
+    deferred: splitbw.DeferredWeights | None = None  # what W needs after I
 
 
 class Chunk:
@@ -135,23 +136,25 @@ class Chunk:
         return [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in saved.leaves]
 
     def backward_input(self, m: int, out_grads: Sequence[torch.Tensor] | None) -> list[torch.Tensor]:
-        """Input-gradient half (I): keeps the graph and the output grads for W."""
+        """Input-gradient half (I): input grads now; what W needs is kept (see splitbw)."""
         saved = self.saved[m]
         saved.out_grads = list(out_grads) if out_grads is not None else None
-        wanted = [leaf for leaf in saved.leaves if leaf.requires_grad]
-        if not saved.roots or not wanted:
+        if not saved.roots or not saved.leaves:  # nothing to send: W does the whole backward
             return [torch.zeros_like(leaf) for leaf in saved.leaves]
-        grads = torch.autograd.grad(
-            saved.roots, wanted, self._root_grads(saved, out_grads), retain_graph=True, allow_unused=True
+        grads, saved.deferred = splitbw.backward_input(
+            saved.roots, self._root_grads(saved, out_grads), saved.leaves, self.replica.trainable
         )
         return [g if g is not None else torch.zeros_like(leaf) for g, leaf in zip(grads, saved.leaves)]
 
     def backward_weight(self, m: int) -> None:
         """Weight-gradient half (W): accumulates parameter grads into the flat buffer and frees the graph."""
         saved = self.saved.pop(m)
-        params = self.replica.trainable
-        if saved.roots and params:
-            torch.autograd.backward(saved.roots, self._root_grads(saved, saved.out_grads), inputs=params)
+        if saved.deferred is not None:
+            splitbw.backward_weight(saved.deferred)
+        elif saved.roots and self.replica.trainable:
+            torch.autograd.backward(
+                saved.roots, self._root_grads(saved, saved.out_grads), inputs=self.replica.trainable
+            )
 
     def _root_grads(self, saved: _Saved, out_grads: Sequence[torch.Tensor] | None) -> list[torch.Tensor] | None:
         if self.last:
