@@ -4,6 +4,10 @@ With torch.distributed initialised (world size = devices x data_parallel; torchr
 up automatically) each rank keeps only its stages; otherwise one process runs every device (local).
 ``step(inputs, targets)`` splits the batch into N micro-batches, computes the gradient of the mean loss
 (the numerics contract of DESIGN.md), runs the optimizer once and zeroes the gradients.
+
+With data_parallel = k, the k pipelines (rank = dp_index x devices + device) each get their own batch (every
+rank of one pipeline passes the same one); the loss and the gradients are the mean over all k x N
+micro-batches, as if one model had trained on the concatenated batch.
 """
 
 from __future__ import annotations
@@ -56,7 +60,11 @@ def _state_names(model: nn.Module) -> tuple[list[str], dict[str, str]]:
 
 
 class CompiledPipeline:
-    """A model cut into stages and scheduled over devices; ``step`` trains it on one batch."""
+    """A model cut into stages and scheduled over devices; ``step`` trains it on one batch.
+
+    Attributes: ``plan`` (the Plan, None when built from a split), ``program``, ``optimizer`` (built by the
+    factory from this process's parameters), ``distributed``, ``rank``, ``training``, ``last_timeline``.
+    """
 
     def __init__(
         self,
