@@ -10,13 +10,15 @@ an all-reduce otherwise). bitpipe_fx runs 1f1b, interleaved, zbv, dualpipev and 
 bitpipe_fx's 1f1b stage modules (its passes, not its runtime): it separates what the cut points are worth
 from what the runtime is worth.
 
-Each (library, schedule) runs in fresh processes: the first step's gradients are returned and checked
-against a non-pipelined reference (and against each other), then warm-up steps, then timed steps
-(gradients only: no optimizer on either side; each step starts and ends at a barrier). Peak memory is the
-RSS high-water mark of each process during the steps (CUDA max allocated on GPUs).
+Two passes. First, each (library, schedule) runs in fresh processes: its first step's gradients are
+checked against a non-pipelined reference (and the two libraries' against each other), and its peak memory
+per process is the RSS high-water mark over its first steps (CUDA max allocated on GPUs). Then one set of
+processes holds every run and times them in rounds, each round a few steps of every run in turn, so that a
+change in the (shared) machine's load hits every run alike; the step time is the median over all rounds.
+Steps compute gradients only (no optimizer on either side) and start and end at a barrier.
 
-    python benchmarks/vs_torch_pipelining.py           # ~4-6 min on 2 CPU cores
-    python benchmarks/vs_torch_pipelining.py --smoke   # tiny model, 1 timed step
+    python benchmarks/vs_torch_pipelining.py           # ~5 min on 2 CPU cores
+    python benchmarks/vs_torch_pipelining.py --smoke   # tiny model, 1 timed step per run
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from __future__ import annotations
 import gc
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,10 +63,10 @@ TORCH_SCHEDULES = {  # name -> (torch class name, stages per rank, placement sty
 }
 AUTOCUT = "-autocut"
 BITPIPE_SCHEDULES = ("1f1b", "interleaved", "zbv", "dualpipev", "bitpipe")
-FULL = {"model": {"vocab": 2048, "seq": 128, "dim": 256, "heads": 4, "layers": 8, "micro_batch": 2},
-        "microbatches": 8, "warmup": 2, "steps": 5}
+FULL = {"model": {"vocab": 2048, "seq": 128, "dim": 256, "heads": 4, "layers": 8, "micro_batch": 3},
+        "microbatches": 8, "memory_steps": 2, "warmup": 1, "rounds": 4, "steps": 2}
 SMOKE = {"model": {"vocab": 64, "seq": 16, "dim": 32, "heads": 2, "layers": 4, "micro_batch": 1},
-         "microbatches": 4, "warmup": 1, "steps": 1}
+         "microbatches": 4, "memory_steps": 1, "warmup": 1, "rounds": 1, "steps": 1}
 SMOKE_RUNS = (("torch", "1f1b"), ("bitpipe_fx", "1f1b"), ("bitpipe_fx", "bitpipe"))
 AGREE_RTOL = 1e-5  # float32 contract of DESIGN.md: max |a-b| / max |b| per parameter
 
@@ -190,8 +194,19 @@ def cut_stages(cfg: dict[str, Any], microbatches: int, n_stages: int, mine: list
     return modules, names, tied
 
 
-def run_torch(schedule: str, cfg: dict[str, Any], microbatches: int, warmup: int, steps: int) -> dict[str, Any]:
-    """One rank of a torch.distributed.pipelining run (launched in fresh processes)."""
+@dataclass
+class Runner:
+    """One (library, schedule) set up on this rank: ``step()`` runs a training step (gradients only)."""
+
+    step: Callable[[], None]
+    gradients: Callable[[], dict[str, torch.Tensor]]  # this rank's gradients by original FQN (CPU copies)
+    loss: Callable[[], float | None]  # mean loss of the last step, where this rank knows it
+    stages: int
+    balance: float | None = None
+
+
+def setup_torch(schedule: str, cfg: dict[str, Any], microbatches: int) -> Runner:
+    """torch.distributed.pipelining on this rank's stages (hand-cut, or bitpipe_fx's cut for ``*-autocut``)."""
     from torch.distributed.pipelining import PipelineStage
     from torch.distributed.pipelining import schedules as torch_schedules
 
@@ -212,7 +227,7 @@ def run_torch(schedule: str, cfg: dict[str, Any], microbatches: int, warmup: int
     sched = cls(stages[0], microbatches, loss_fn=lm_loss) if per_rank == 1 else cls(stages, microbatches,
                                                                                       loss_fn=lm_loss)
     tokens, targets = (t.to(device) for t in batch(cfg, microbatches))
-    gc.collect()
+    losses: list[torch.Tensor] = []
 
     def sum_tied() -> None:
         """Give every copy of the tied embedding/head weight the sum of all copies' gradients (a torch user's
@@ -227,8 +242,6 @@ def run_torch(schedule: str, cfg: dict[str, Any], microbatches: int, warmup: int
         for p in tied:
             p.grad = total
 
-    losses: list[torch.Tensor] = []
-
     def step() -> None:
         for m in modules.values():
             m.zero_grad(set_to_none=True)
@@ -238,81 +251,105 @@ def run_torch(schedule: str, cfg: dict[str, Any], microbatches: int, warmup: int
         sched.step(*args, target=target, losses=losses)
         sum_tied()
 
-    reset_peak_memory()
-    before = memory_now()
-    step()
-    grads = {}
-    for m in modules.values():
-        for p in m.parameters():
-            if p.grad is not None and id(p) in names:
-                grads[names[id(p)]] = p.grad.detach().cpu().clone()
-    loss = float(sum(float(x.detach()) for x in losses) / microbatches) if losses else None
-    times = time_steps(step, warmup, steps, sync=lambda: _sync(device))
-    kind, peak = peak_memory()
-    return {"rank": rank, "times": times, "loss": loss, "grads": grads, "memory_kind": kind,
-            "peak_memory": peak, "memory_before": before, "stages": n_stages}
+    def gradients() -> dict[str, torch.Tensor]:
+        return {names[id(p)]: p.grad.detach().cpu().clone() for m in modules.values() for p in m.parameters()
+                if p.grad is not None and id(p) in names}
+
+    def loss() -> float | None:
+        return float(sum(float(x.detach()) for x in losses) / microbatches) if losses else None
+
+    return Runner(step, gradients, loss, n_stages)
 
 
-# ---- bitpipe_fx ----------------------------------------------------------------------------------
-
-
-def run_bitpipe(schedule: str, cfg: dict[str, Any], microbatches: int, warmup: int, steps: int) -> dict[str, Any]:
-    """One rank of a bitpipe_fx run (launched in fresh processes)."""
+def setup_bitpipe(schedule: str, cfg: dict[str, Any], microbatches: int) -> Runner:
+    """bitpipe_fx.compile on the whole model (its own partition and runtime)."""
     import bitpipe_fx as bp
 
-    rank, ranks = dist.get_rank(), dist.get_world_size()
+    ranks = dist.get_world_size()
     device = _device()
     model, example = gpt(**cfg)
     model.to(device)
     pipe = bp.compile(model, tuple(t.to(device) for t in example), lm_loss, schedule=schedule, devices=ranks,
                       microbatches=microbatches)
     tokens, targets = (t.to(device) for t in batch(cfg, microbatches))
-    del model
-    gc.collect()
     losses: list[float] = []
 
     def step() -> None:
-        losses.append(pipe.forward_backward(tokens, targets))
+        losses[:] = [pipe.forward_backward(tokens, targets)]
 
+    def gradients() -> dict[str, torch.Tensor]:
+        return {n: g.cpu() for n, g in pipe.gradients().items()}
+
+    return Runner(step, gradients, lambda: losses[0] if losses else None, pipe.program.stages,
+                  pipe.plan.balance if pipe.plan is not None else None)
+
+
+def setup(library: str, schedule: str, cfg: dict[str, Any], microbatches: int) -> Runner:
+    runner = (setup_torch if library == "torch" else setup_bitpipe)(schedule, cfg, microbatches)
+    gc.collect()
+    return runner
+
+
+def first_steps(library: str, schedule: str, cfg: dict[str, Any], microbatches: int, steps: int) -> dict[str, Any]:
+    """Fresh processes: the first step's gradients and loss, and the peak memory over ``steps`` steps."""
+    runner = setup(library, schedule, cfg, microbatches)
+    device = _device()
     reset_peak_memory()
     before = memory_now()
-    step()
-    grads = {n: g.cpu() for n, g in pipe.gradients().items()}
-    times = time_steps(step, warmup, steps, sync=lambda: _sync(device))
+    runner.step()
+    grads, loss = runner.gradients(), runner.loss()
+    for _ in range(steps - 1):
+        _sync(device)
+        runner.step()
+    _sync(device)
     kind, peak = peak_memory()
-    return {"rank": rank, "times": times, "loss": losses[0], "grads": grads, "memory_kind": kind,
-            "peak_memory": peak, "memory_before": before, "stages": pipe.program.stages,
-            "balance": pipe.plan.balance if pipe.plan is not None else None}
+    return {"grads": grads, "loss": loss, "memory_kind": kind, "peak_memory": peak, "memory_before": before,
+            "stages": runner.stages, "balance": runner.balance}
+
+
+def timed_rounds(runs: list[tuple[str, str]], cfg: dict[str, Any], microbatches: int, warmup: int, rounds: int,
+                 steps: int) -> dict[str, list[float]]:
+    """One set of processes holding every run: ``rounds`` rounds, each timing ``steps`` steps of every run in
+    turn (the order rotating), so that a change in the machine's load hits every run alike."""
+    device = _device()
+    runners = [setup(lib, s, cfg, microbatches) for lib, s in runs]
+    for r in runners:
+        time_steps(r.step, warmup, 0, sync=lambda: _sync(device))
+    times: dict[str, list[float]] = {f"{lib}:{s}": [] for lib, s in runs}
+    for k in range(rounds):
+        for i in range(len(runs)):
+            j = (i + k) % len(runs)
+            key = f"{runs[j][0]}:{runs[j][1]}"
+            times[key] += time_steps(runners[j].step, 0, steps, sync=lambda: _sync(device))
+    return times
 
 
 # ---- driver --------------------------------------------------------------------------------------
 
 
-def measure(library: str, schedule: str, procs: int, cfg: dict[str, Any], microbatches: int, warmup: int,
-            steps: int) -> dict[str, Any]:
-    """Launch one (library, schedule) run in fresh processes and fold the ranks' results into one row."""
-    fn = run_torch if library == "torch" else run_bitpipe
+def _launch(fn: Callable[..., Any], procs: int, args: tuple) -> list[Any]:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    return launch(fn, procs, backend, args=args, timeout=300.0, threads=1)
+
+
+def first_step_row(library: str, schedule: str, procs: int, cfg: dict[str, Any], microbatches: int,
+                   steps: int) -> dict[str, Any]:
+    """Launch one (library, schedule) in fresh processes; fold the ranks' gradients and memory into one row."""
     started = time.perf_counter()
-    results = launch(fn, procs, backend, args=(schedule, cfg, microbatches, warmup, steps), timeout=300.0,
-                     threads=1)
+    results = _launch(first_steps, procs, (library, schedule, cfg, microbatches, steps))
     grads: dict[str, torch.Tensor] = {}
     for r in results:
         for name, g in r["grads"].items():
             grads.setdefault(name, g)
-    per_step = [max(r["times"][i] for r in results) for i in range(steps)]
-    loss = next((r["loss"] for r in results if r["loss"] is not None), None)
     return {
         "library": library,
         "schedule": schedule,
-        "step_s": median(per_step),
-        "step_times_s": per_step,
-        "loss": loss,
+        "stages": results[0]["stages"],
+        "partition_balance": results[0]["balance"],
+        "loss": next((r["loss"] for r in results if r["loss"] is not None), None),
         "memory_kind": results[0]["memory_kind"],
         "peak_memory_mb": [r["peak_memory"] / 2**20 for r in results],
         "memory_before_mb": [r["memory_before"] / 2**20 for r in results],
-        "stages": results[0].get("stages", None),
-        "partition_balance": results[0].get("balance"),
         "wall_s": time.perf_counter() - started,
         "_grads": grads,
     }
@@ -336,12 +373,14 @@ def render(payload: dict[str, Any]) -> str:
         f"GPT-style example model: {model['layers']} layers, dim {model['dim']}, {model['heads']} heads, seq "
         f"{model['seq']}, vocab {model['vocab']} (tied head), {payload['parameters'] / 1e6:.1f} M parameters, float32; "
         f"batch = {cfg['microbatches']} micro-batches x {model['micro_batch']} sequences; {payload['procs']} "
-        f"{payload['backend']} processes, 1 thread each; median of {cfg['steps']} steps after {cfg['warmup']} "
-        f"warm-up (gradients only, no optimizer; barrier before and after each step). 'vs fastest torch' = step "
+        f"{payload['backend']} processes, 1 thread each; step = median of {cfg['rounds']} rounds x {cfg['steps']} "
+        f"steps, every run timed in turn in each round, after {cfg['warmup']} warm-up (gradients only, no "
+        "optimizer; barrier before and after each step). 'vs fastest torch' = step "
         f"time / the fastest hand-cut torch schedule's ({payload['fastest_torch']}); below 1 is faster. "
         "1f1b-autocut = torch's Schedule1F1B on bitpipe_fx's stage modules (its cut points). Peak memory = "
         f"{rows[0]['memory_kind'] if rows else ''} per process (MB) during the steps; 'of which steps' = that peak "
-        f"minus the memory in use just before the first step (model, imports). Gradients: max over "
+        "minus the memory in use just before the first step (model, imports), in fresh processes per run. "
+        f"Gradients: max over "
         f"parameters of max|g - g_ref| / max|g_ref| against the non-pipelined reference (float32; agree if "
         f"<= {AGREE_RTOL:g}).",
         "",
@@ -361,15 +400,17 @@ def render(payload: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--procs", type=int, default=2, help="pipeline processes (devices)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default 5, smoke 1)")
+    p.add_argument("--rounds", type=int, default=None, help="timing rounds (default 4, smoke 1)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per run and round (default 2, smoke 1)")
     p.add_argument("--runs", default=None,
                    help="comma-separated library:schedule pairs to run, e.g. torch:1f1b,bitpipe_fx:bitpipe "
                         "(default: every torch schedule this torch has and every bitpipe_fx one; smoke: "
                         + ",".join(f"{lib}:{s}" for lib, s in SMOKE_RUNS) + ")")
     args = p.parse_args(argv)
     cfg = dict(SMOKE if args.smoke else FULL)
-    if args.steps is not None:
-        cfg["steps"] = args.steps
+    for key in ("rounds", "steps"):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
     started = time.perf_counter()
     info = machine_info()
     ref_loss, ref = reference_grads(cfg["model"], cfg["microbatches"])
@@ -385,9 +426,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         p.error(f"unknown or unavailable runs {unknown}; torch has {torch_names}, bitpipe_fx {BITPIPE_SCHEDULES}")
     rows = []
     for library, schedule in runs:
-        row = measure(library, schedule, args.procs, cfg["model"], cfg["microbatches"], cfg["warmup"], cfg["steps"])
-        print(f"{library:10s} {schedule:12s} {row['step_s']:.3f} s/step ({row['wall_s']:.0f} s wall)", flush=True)
-        rows.append(row)
+        rows.append(first_step_row(library, schedule, args.procs, cfg["model"], cfg["microbatches"],
+                                   cfg["memory_steps"]))
+        print(f"{library:10s} {schedule:12s} first steps done ({rows[-1]['wall_s']:.0f} s)", flush=True)
+    times = _launch(timed_rounds, args.procs, (runs, cfg["model"], cfg["microbatches"], cfg["warmup"],
+                                               cfg["rounds"], cfg["steps"]))[0]
+    for r in rows:
+        r["step_times_s"] = times[f"{r['library']}:{r['schedule']}"]
+        r["step_s"] = median(r["step_times_s"])
+        print(f"{r['library']:10s} {r['schedule']:12s} {r['step_s']:.3f} s/step", flush=True)
     torch_rows = [r for r in rows if r["library"] == "torch"]
     fastest = min([r for r in torch_rows if not r["schedule"].endswith(AUTOCUT)] or torch_rows,
                   key=lambda r: r["step_s"])
