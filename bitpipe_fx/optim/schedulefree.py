@@ -16,7 +16,7 @@ import torch
 from bitpipe_fx.errors import ConfigError
 from bitpipe_fx.kernels import scalars as S
 from bitpipe_fx.kernels.engine import GroupKernel, state_dtype
-from bitpipe_fx.optim_base import FusedOptimizer, check_beta, check_lr, check_nonneg, check_warmup
+from bitpipe_fx.optim.base import FusedOptimizer, check_beta, check_lr, check_nonneg, check_warmup
 
 
 class _ScheduleFree(FusedOptimizer):

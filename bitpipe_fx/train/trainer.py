@@ -19,11 +19,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from bitpipe_fx import checkpoint
-from bitpipe_fx.checkpoint import History
-from bitpipe_fx.data import Batches, load_corpus, to_device
-from bitpipe_fx.job import TrainConfig, build_model, loss_fn, optimizer_factory
 from bitpipe_fx.sim.trace import TraceEvent
+from bitpipe_fx.train import checkpoint
+from bitpipe_fx.train.checkpoint import History
+from bitpipe_fx.train.data import Batches, load_corpus, to_device
+from bitpipe_fx.train.job import TrainConfig, build_model, loss_fn, optimizer_factory
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bitpipe_fx.errors import ConfigError
-from bitpipe_fx.job import TrainConfig, resume_mismatch
+from bitpipe_fx.train.job import TrainConfig, resume_mismatch
 
 LATEST = "latest.json"
 

@@ -11,8 +11,8 @@ same math with multi-tensor ops. See bitpipe_fx.kernels for the design.
 
 from __future__ import annotations
 
-from bitpipe_fx.optim_adamw import AdamW
-from bitpipe_fx.optim_lr import PROFILES, REX, LRProfile
-from bitpipe_fx.optim_schedulefree import ScheduleFreeAdamW, ScheduleFreeSGD
+from bitpipe_fx.optim.adamw import AdamW
+from bitpipe_fx.optim.lr import PROFILES, REX, LRProfile
+from bitpipe_fx.optim.schedulefree import ScheduleFreeAdamW, ScheduleFreeSGD
 
 __all__ = ["PROFILES", "REX", "AdamW", "LRProfile", "ScheduleFreeAdamW", "ScheduleFreeSGD"]

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from bitpipe_fx.data import Batches, load_corpus
-from bitpipe_fx.job import TrainConfig, build_model, loss_fn, optimizer_factory
+from bitpipe_fx.train.data import Batches, load_corpus
+from bitpipe_fx.train.job import TrainConfig, build_model, loss_fn, optimizer_factory
 
 # relative loss agreement expected after a few optimizer steps, by dtype
 TOLERANCE = {"float64": 1e-9, "float32": 1e-4, "bfloat16": 5e-2}

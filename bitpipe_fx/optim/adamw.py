@@ -10,8 +10,8 @@ import torch
 from bitpipe_fx.errors import ConfigError
 from bitpipe_fx.kernels import scalars as S
 from bitpipe_fx.kernels.engine import GroupKernel
-from bitpipe_fx.optim_base import FusedOptimizer, check_beta, check_lr, check_nonneg
-from bitpipe_fx.optim_lr import LRProfile
+from bitpipe_fx.optim.base import FusedOptimizer, check_beta, check_lr, check_nonneg
+from bitpipe_fx.optim.lr import LRProfile
 
 
 class AdamW(FusedOptimizer):

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bitpipe_fx.errors import ConfigError
-from bitpipe_fx.job import DTYPES, OPTIMIZERS, TrainConfig, check, factory_target
+from bitpipe_fx.train.job import DTYPES, OPTIMIZERS, TrainConfig, check, factory_target
 
 # `bitpipe-fx demo`: a GPT-style byte-level LM on the standard library's source, bitpipe on 4 local processes
 DEMO = {
@@ -115,8 +115,8 @@ def prepare(cfg: TrainConfig) -> tuple[TrainConfig, Any, Any, Any]:
     corpus). Raises ConfigError / ScheduleError with one clear line."""
     check(cfg)
     factory_target(cfg.model)
-    from bitpipe_fx.data import Batches, load_corpus
-    from bitpipe_fx.job import build_model, resolve
+    from bitpipe_fx.train.data import Batches, load_corpus
+    from bitpipe_fx.train.job import build_model, resolve
 
     model, example = build_model(cfg)
     cfg = resolve(cfg, example)
@@ -140,7 +140,7 @@ def prepare(cfg: TrainConfig) -> tuple[TrainConfig, Any, Any, Any]:
 
 def run(cfg: TrainConfig, command: str = "train") -> int:
     """Check, then train on local processes, under torchrun, or in one process; rank 0 reports."""
-    from bitpipe_fx.checkpoint import History, check_resume
+    from bitpipe_fx.train.checkpoint import History, check_resume
 
     torchrun = under_torchrun()
     rank = int(os.environ.get("RANK", "0")) if torchrun else 0
@@ -159,7 +159,7 @@ def run(cfg: TrainConfig, command: str = "train") -> int:
         plan.save(plan_path)
         say(plan.summary(), flush=True)
     del model, example
-    from bitpipe_fx.trainer import worker
+    from bitpipe_fx.train.trainer import worker
 
     if cfg.local:
         result = worker(cfg, plan_path, start, history)
@@ -177,7 +177,7 @@ def run(cfg: TrainConfig, command: str = "train") -> int:
 def _torchrun(cfg: TrainConfig, backend: str, plan_path: str | None, start: int, history: Any) -> Any:
     import torch.distributed as dist
 
-    from bitpipe_fx.trainer import device_for, worker
+    from bitpipe_fx.train.trainer import device_for, worker
 
     device_for(backend, cfg.cpu)
     dist.init_process_group(backend, timeout=timedelta(seconds=cfg.timeout))
@@ -208,7 +208,7 @@ def _header(cfg: TrainConfig, command: str, model: Any, corpus: Any, torchrun: b
 def finish(cfg: TrainConfig, result: Any, start: int) -> int:
     """Write loss.png, timeline files and metrics.json; print the bubbles and the reference check."""
     from bitpipe_fx.plan import Plan
-    from bitpipe_fx.report import compare_timelines, plot_losses, write_timeline_files
+    from bitpipe_fx.train.report import compare_timelines, plot_losses, write_timeline_files
 
     out = Path(cfg.out)
     history = result.history
@@ -236,7 +236,7 @@ def finish(cfg: TrainConfig, result: Any, start: int) -> int:
                                "measured_makespan_s": timeline.measured_makespan}
     status = 0
     if cfg.compare_steps:
-        from bitpipe_fx.reference import compare
+        from bitpipe_fx.train.reference import compare
 
         agreement = compare(cfg, history.losses, cfg.compare_steps)
         print(agreement.describe())
