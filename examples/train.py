@@ -6,7 +6,7 @@ The same file runs three ways, unchanged:
     torchrun --nproc-per-node 4 examples/train.py --devices 4   # one process per device (GPU when there is one)
     python examples/train.py --devices 4 --local                # every device in this one process
 
-It is `bitpipe-fx train` (see `python examples/train.py --help`): the loop itself is bitpipe_fx/trainer.py,
+It is `bitpipe-fx train` (see `python examples/train.py --help`): the loop itself is bitpipe_fx/train/trainer.py,
 which reads like any training loop written against the public API::
 
     pipe = bp.compile(model, example_inputs, loss_fn, schedule="bitpipe", devices=4, microbatches=8,

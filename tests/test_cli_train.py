@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import subprocess
@@ -20,12 +21,13 @@ TINY = ["--arg", "dim=16", "--arg", "layers=2", "--arg", "heads=2", "--devices",
 def no_launch(monkeypatch):
     """Fail the test if any process would be started or any plan built."""
     import bitpipe_fx.plan
-    import bitpipe_fx.runtime.launch
+
+    launch_module = importlib.import_module("bitpipe_fx.runtime.launch")  # the package re-exports the function
 
     def refuse(*args, **kwargs):
         raise AssertionError("work started before the arguments were checked")
 
-    monkeypatch.setattr(bitpipe_fx.runtime.launch, "launch", refuse)
+    monkeypatch.setattr(launch_module, "launch", refuse)
     monkeypatch.setattr(bitpipe_fx.plan, "build_plan", refuse)
 
 

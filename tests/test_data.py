@@ -1,12 +1,12 @@
-"""The no-download corpus and the step-indexed loader (bitpipe_fx.data)."""
+"""The no-download corpus and the step-indexed loader (bitpipe_fx.train.data)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from bitpipe_fx.data import MASK, Batches, Corpus, load_corpus, to_device
 from bitpipe_fx.errors import ConfigError
+from bitpipe_fx.train.data import MASK, Batches, Corpus, load_corpus, to_device
 
 
 def _tree(root, names):

@@ -9,13 +9,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from bitpipe_fx import checkpoint
-from bitpipe_fx.checkpoint import History
 from bitpipe_fx.errors import ConfigError
-from bitpipe_fx.job import TrainConfig, build_model, resolve, resume_mismatch
-from bitpipe_fx.report import bubble, compare_timelines, plot_losses, write_timeline_files
 from bitpipe_fx.schedules import generate
 from bitpipe_fx.sim import CostModel, read_chrome_trace, simulate
+from bitpipe_fx.train import checkpoint
+from bitpipe_fx.train.checkpoint import History
+from bitpipe_fx.train.job import TrainConfig, build_model, resolve, resume_mismatch
+from bitpipe_fx.train.report import bubble, compare_timelines, plot_losses, write_timeline_files
 
 TINY = TrainConfig(model_args=(("dim", 16), ("heads", 2), ("layers", 2)), devices=2, microbatches=2, batch_size=4,
                    seq_len=8, steps=20)
