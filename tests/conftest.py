@@ -21,6 +21,20 @@ except ImportError:  # hypothesis is a test extra; tests that need it import it 
     pass
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_intra_op_thread():
+    """Tests use tiny models and spawn 1-thread workers: extra intra-op threads only add contention on 2 cores."""
+    try:
+        import torch
+    except ImportError:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import torch

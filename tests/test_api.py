@@ -14,15 +14,6 @@ from bitpipe_fx.runtime.testing import max_rel_err, reference_grads
 from bitpipe_fx.sim.trace import read_chrome_trace
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add contention on a shared CI box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _gpt64():
     model, example = gpt()
     return model.double(), example

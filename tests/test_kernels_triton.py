@@ -38,13 +38,6 @@ FACTORIES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def run(name, backend, dtype, steps=STEPS, in_place_grads=False, make=None):
     """Parameters (x and y for Schedule-Free) and state after `steps` steps with seeded gradients."""

@@ -16,14 +16,6 @@ from bitpipe_fx.schedules import SCHEDULES, generate
 FAMILIES = sorted(SCHEDULES)
 _CASES: dict[tuple[str, torch.dtype], object] = {}
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add contention on a shared CI box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 
 def case(name: str, dtype: torch.dtype = torch.float64):

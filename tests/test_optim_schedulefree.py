@@ -24,14 +24,6 @@ CASES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """torch's CPU thread pool stalls on a loaded 2-core box; these tensors are tiny anyway."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def make_params(dtype: torch.dtype) -> list[torch.nn.Parameter]:
     g = torch.Generator().manual_seed(0)

@@ -11,14 +11,6 @@ import torch
 from bitpipe_fx.optim import REX, AdamW, LRProfile, ScheduleFreeSGD
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_rex_values_at_known_points():
     rex = LRProfile("rex", total_steps=100)
     assert rex.lr(0, 1.0) == 1.0  # z = 0

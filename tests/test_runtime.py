@@ -22,16 +22,6 @@ from bitpipe_fx.schedules import SCHEDULES, Action, Program, generate
 from bitpipe_fx.schedules.ir import bitpipe_placement, chimera_placement, linear_placement, v_placement
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add contention on a shared CI box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-
 def mse(out, y):
     return ((out - y) ** 2).mean()
 

@@ -12,15 +12,6 @@ from bitpipe_fx.errors import ConfigError
 from bitpipe_fx.examples.models import gpt, lm_batch, lm_loss
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add contention on a shared CI box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def adam(params):
     return torch.optim.Adam(params, lr=0.01)
 
