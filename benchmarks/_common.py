@@ -159,8 +159,8 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
-def machine_line(info: dict[str, Any]) -> str:
+def machine_line(info: dict[str, Any], verb: str = "Measured") -> str:
     """One markdown line naming the date, machine and load of a run."""
     where = info.get("gpu") or f"{info['cpus']} x {info['cpu']}"
-    return (f"Measured {info['date']} on {where}, torch {info['torch']}, Python {info['python']}; "
+    return (f"{verb} {info['date']} on {where}, torch {info['torch']}, Python {info['python']}; "
             f"load average at start {info['load_average_1_5_15']}.")

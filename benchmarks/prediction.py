@@ -132,15 +132,17 @@ def run_ranks(cfg: dict[str, Any], microbatches: int, warmup: int, records: int,
 # ---- in the parent -------------------------------------------------------------------------------
 
 
-def timeline_stats(events: list[TraceEvent], devices: int) -> dict[str, float]:
-    """Step time (from the common start to the last event's end), compute time per device, bubble."""
+def timeline_stats(events: list[TraceEvent], devices: int) -> dict[str, Any]:
+    """Step time (from the common start to the last event's end), compute time per device and per kind, bubble."""
     makespan = max(e.end for e in events)
     busy = [0.0] * devices
+    by_kind = dict.fromkeys(COMPUTE, 0.0)
     for e in events:
         if e.kind in COMPUTE:
             busy[e.device] += e.end - e.start
+            by_kind[e.kind] += e.end - e.start
     bubble = sum(makespan - b for b in busy) / (devices * makespan)
-    return {"makespan": makespan, "bubble": bubble, "busy": busy}
+    return {"makespan": makespan, "bubble": bubble, "busy": busy, "by_kind": by_kind}
 
 
 def measured_costs(result: dict[str, Any], comm: dict[str, float]) -> CostModel:
@@ -193,6 +195,9 @@ def evaluate(name: str, result: dict[str, Any], comm: dict[str, float]) -> dict[
         "measured_step_s": m_step,
         "measured_bubble": m_bubble,
         "measured_imbalance": max(best["busy"]) / (sum(best["busy"]) / len(best["busy"])),
+        "measured_compute_s": best["by_kind"],
+        "backward_over_forward": (best["by_kind"]["B"] + best["by_kind"]["I"] + best["by_kind"]["W"])
+        / best["by_kind"]["F"],
         "all_measured_steps_s": [s["makespan"] for s in measured],
         "all_measured_bubbles": [s["bubble"] for s in measured],
         "predicted_step_s": predicted.makespan,
@@ -241,7 +246,8 @@ def render(payload: dict[str, Any]) -> str:
         "simulator; replayed = the recorded run's own median F/B/I/W durations in the simulator. Busy max/mean = "
         "the busiest device's compute time over the mean: the simulator's costs are per stage, so a device "
         "that computes slower than its peer for the same work (a shared CPU core) is bubble it cannot "
-        "predict. Errors: bubble in percentage points (predicted - measured), step time relative.",
+        "predict. Bwd/fwd = measured backward compute (B, or I + W) over forward compute: the predicted "
+        "costs assume I + W = B. Errors: bubble in percentage points (predicted - measured), step time relative.",
         "",
         f"Mean |bubble error|: predicted {100 * statistics.mean(abs_pred):.1f} pp, replayed "
         f"{100 * statistics.mean(abs_rep):.1f} pp.",
@@ -250,6 +256,7 @@ def render(payload: dict[str, Any]) -> str:
             Column("schedule", "schedule"), Column("stages", "S"),
             Column("measured_step_s", "measured step s", ".3f"), Column("measured_bubble", "measured bubble %", ".1f"),
             Column("measured_imbalance", "busy max/mean", ".2f"),
+            Column("backward_over_forward", "bwd/fwd", ".2f"),
             Column("predicted_step_s", "predicted step s", ".3f"),
             Column("predicted_bubble", "predicted bubble %", ".1f"),
             Column("predicted_bubble_error", "error pp", "+.1f"),

@@ -194,7 +194,7 @@ def render(payload: dict) -> str:
     lines = [
         "## Simulated schedules on the BitPipe paper's settings",
         "",
-        machine_line(payload["machine"]),
+        machine_line(payload["machine"], verb="Simulated"),
         "",
         f"Hardware assumed: {hw['name']}, {hw['peak_flops'] / 1e12:.0f} TFLOP/s dense BF16 peak at "
         f"{hw['mfu']:.0%} MFU; D <= {hw['node_size']}: NVLink {hw['nvlink_bandwidth'] / 1e9:.0f} GB/s, "
