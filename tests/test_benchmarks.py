@@ -61,7 +61,8 @@ def test_peak_memory_sees_a_large_allocation():
     torch = pytest.importorskip("torch")
     common.reset_peak_memory()
     kind, before = common.peak_memory()
-    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # what peak_memory() watches
+    block = torch.ones(64 * 2**20 // 4, device=device)  # 64 MiB, touched
     _, after = common.peak_memory()
     del block
     assert kind in ("rss_high_water", "rss_high_water_lifetime", "cuda_max_allocated")
