@@ -9,7 +9,16 @@ import pytest
 
 import bitpipe_fx
 from bitpipe_fx import errors
-from bitpipe_fx.schedules import Action, Program, lower, messages
+from bitpipe_fx.schedules import (
+    Action,
+    Program,
+    consumed_message,
+    consumed_value,
+    lower,
+    messages,
+    produced_message,
+    produced_value,
+)
 from bitpipe_fx.schedules.ir import bitpipe_placement, chimera_placement, linear_placement, v_placement
 
 
@@ -80,3 +89,15 @@ def test_v_turn_is_local_and_messages_cross_devices():
     lowered = lower(p)
     # the V turn (stage 1 -> 2 on device 1) has no message
     assert all("act0.1" not in str(op) for op in lowered[1])
+
+
+def test_values_cover_local_hand_offs_and_messages_only_cross_devices():
+    p = _tiny_program()
+    f1, f2 = Action("F", 0, 1, 0), Action("F", 0, 2, 0)
+    turn = produced_value(p, f1)
+    assert (turn.src, turn.dst) == (1, 1) and consumed_value(p, f2) == turn
+    assert produced_message(p, f1) is None and consumed_message(p, f2) is None
+    assert produced_value(p, Action("F", 0, 3, 0)) is None  # the last stage feeds the loss, not a chunk
+    assert consumed_value(p, Action("B", 0, 3, 0)) is None
+    cross = produced_value(p, Action("B", 0, 3, 0))
+    assert cross == produced_message(p, Action("B", 0, 3, 0)) == consumed_message(p, Action("B", 0, 2, 0))

@@ -16,10 +16,8 @@ from bitpipe_fx.errors import PipelineRuntimeError
 from bitpipe_fx.runtime.batch import MicroBatch
 from bitpipe_fx.runtime.chunk import Chunk, StageReplica
 from bitpipe_fx.runtime.timeline import Recorder
-from bitpipe_fx.schedules.comm import Message, consumed_message, produced_message
+from bitpipe_fx.schedules.comm import Message, consumed_value, produced_value
 from bitpipe_fx.schedules.ir import Action, Program
-
-Key = tuple[str, int, int, int]  # ("act" | "grad", pipe, producing stage, micro-batch), like comm.Message
 
 
 class Transport(Protocol):
@@ -36,22 +34,6 @@ def forward_only(program: Program) -> Program:
     """The program's forwards in the same per-device order (evaluation): still deadlock-free."""
     acts = tuple(tuple(a for a in row if a.kind == "F") for row in program.device_actions)
     return Program(f"{program.name}-forward", program.placement, program.pipe_of, acts)
-
-
-def _input_key(program: Program, a: Action) -> Key | None:
-    if a.kind == "F" and a.stage > 0:
-        return ("act", a.pipe, a.stage - 1, a.microbatch)
-    if a.kind in ("B", "I") and a.stage + 1 < program.stages:
-        return ("grad", a.pipe, a.stage + 1, a.microbatch)
-    return None
-
-
-def _output_key(program: Program, a: Action) -> Key | None:
-    if a.kind == "F" and a.stage + 1 < program.stages:
-        return ("act", a.pipe, a.stage, a.microbatch)
-    if a.kind in ("B", "I") and a.stage > 0:
-        return ("grad", a.pipe, a.stage, a.microbatch)
-    return None
 
 
 class DeviceInterpreter:
@@ -77,7 +59,7 @@ class DeviceInterpreter:
         """Reset for a step over ``batch``; the last stage's loss is multiplied by ``scale``."""
         self.batch, self.scale, self.train, self.recorder = batch, scale, train, recorder
         self.pos = 0
-        self.handoff: dict[Key, list[torch.Tensor]] = {}
+        self.handoff: dict[Message, list[torch.Tensor]] = {}
         self.losses: list[torch.Tensor] = []
         self._synced: dict[int, int] = {}
 
@@ -95,12 +77,10 @@ class DeviceInterpreter:
 
     def ready(self) -> bool:
         """Whether the next action's inputs are here (local hand-off done, or message arrived)."""
-        a = self.next_action
-        msg = consumed_message(self.program, a)
-        if msg is not None:
-            return self.transport.ready(msg)
-        key = _input_key(self.program, a)
-        return key is None or key in self.handoff
+        value = consumed_value(self.program, self.next_action)
+        if value is None:
+            return True
+        return value in self.handoff if value.src == value.dst else self.transport.ready(value)
 
     def run_next(self) -> None:
         """Execute the next action (blocking on its message in the distributed executor)."""
@@ -120,18 +100,17 @@ class DeviceInterpreter:
             self._produce(a, produced)
 
     def _receive(self, a: Action) -> list[torch.Tensor] | None:
-        msg = consumed_message(self.program, a)
-        if msg is not None:
-            return self.transport.recv(msg, a)
-        key = _input_key(self.program, a)
-        if key is None:
+        value = consumed_value(self.program, a)
+        if value is None:
             return None
-        if key not in self.handoff:
+        if value.src != value.dst:
+            return self.transport.recv(value, a)
+        if value not in self.handoff:
             raise PipelineRuntimeError(
-                f"device {self.device} runs {a} before its local input {key} exists; the program orders a "
+                f"device {self.device} runs {a} before its local input {value} exists; the program orders a "
                 "chunk's consumer before its producer on the same device"
             )
-        return self.handoff.pop(key)
+        return self.handoff.pop(value)
 
     def _compute(self, chunk: Chunk, a: Action, received: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
         if a.kind == "F":
@@ -150,13 +129,13 @@ class DeviceInterpreter:
         return None
 
     def _produce(self, a: Action, tensors: list[torch.Tensor]) -> None:
-        msg = produced_message(self.program, a)
-        if msg is not None:
-            self.transport.send(msg, tensors, a)
+        value = produced_value(self.program, a)
+        if value is None:
             return
-        key = _output_key(self.program, a)
-        if key is not None:
-            self.handoff[key] = tensors
+        if value.src != value.dst:
+            self.transport.send(value, tensors, a)
+        else:
+            self.handoff[value] = tensors
 
     def _sync(self, a: Action) -> None:
         chunk = self.chunks[a.chunk]

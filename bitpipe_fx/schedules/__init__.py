@@ -1,6 +1,15 @@
 """Schedule layer: IR, one generator module per family, validation. Pure Python, never imports torch."""
 
-from bitpipe_fx.schedules.comm import Comm, Message, consumed_message, lower, messages, produced_message
+from bitpipe_fx.schedules.comm import (
+    Comm,
+    Message,
+    consumed_message,
+    consumed_value,
+    lower,
+    messages,
+    produced_message,
+    produced_value,
+)
 from bitpipe_fx.schedules.ir import Action, Placement, Program
 from bitpipe_fx.schedules.registry import SCHEDULES, generate, register
 from bitpipe_fx.schedules.validate import validate
@@ -25,10 +34,12 @@ __all__ = [
     "Placement",
     "Program",
     "consumed_message",
+    "consumed_value",
     "generate",
     "lower",
     "messages",
     "produced_message",
+    "produced_value",
     "register",
     "validate",
 ]

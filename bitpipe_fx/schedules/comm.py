@@ -48,37 +48,42 @@ class Comm:
 Op = Action | Comm
 
 
-def produced_message(program: Program, action: Action) -> Message | None:
-    """The cross-device message ``action`` produces, or None (last stage, first stage, local)."""
-    place = program.placement
-    src = place.device(action.pipe, action.stage)
+def produced_value(program: Program, action: Action) -> Message | None:
+    """The value ``action`` hands to another chunk (src == dst for a local hand-off), or None."""
     if action.kind == "F" and action.stage + 1 < program.stages:
-        dst = place.device(action.pipe, action.stage + 1)
-        kind = "act"
+        kind, dst_stage = "act", action.stage + 1
     elif action.kind in ("B", "I") and action.stage > 0:
-        dst = place.device(action.pipe, action.stage - 1)
-        kind = "grad"
+        kind, dst_stage = "grad", action.stage - 1
     else:
         return None
-    if dst == src:
+    place = program.placement
+    return Message(kind, action.pipe, action.stage, action.microbatch,
+                   place.device(action.pipe, action.stage), place.device(action.pipe, dst_stage))
+
+
+def consumed_value(program: Program, action: Action) -> Message | None:
+    """The value ``action`` needs from another chunk (src == dst for a local hand-off), or None."""
+    if action.kind == "F" and action.stage > 0:
+        kind, src_stage = "act", action.stage - 1
+    elif action.kind in ("B", "I") and action.stage + 1 < program.stages:
+        kind, src_stage = "grad", action.stage + 1
+    else:
         return None
-    return Message(kind, action.pipe, action.stage, action.microbatch, src, dst)
+    place = program.placement
+    return Message(kind, action.pipe, src_stage, action.microbatch,
+                   place.device(action.pipe, src_stage), place.device(action.pipe, action.stage))
+
+
+def produced_message(program: Program, action: Action) -> Message | None:
+    """The cross-device message ``action`` produces, or None (last stage, first stage, local hand-off)."""
+    value = produced_value(program, action)
+    return value if value is not None and value.src != value.dst else None
 
 
 def consumed_message(program: Program, action: Action) -> Message | None:
     """The cross-device message ``action`` must receive before it runs, or None."""
-    place = program.placement
-    dst = place.device(action.pipe, action.stage)
-    if action.kind == "F" and action.stage > 0:
-        src_stage, kind = action.stage - 1, "act"
-    elif action.kind in ("B", "I") and action.stage + 1 < program.stages:
-        src_stage, kind = action.stage + 1, "grad"
-    else:
-        return None
-    src = place.device(action.pipe, src_stage)
-    if src == dst:
-        return None
-    return Message(kind, action.pipe, src_stage, action.microbatch, src, dst)
+    value = consumed_value(program, action)
+    return value if value is not None and value.src != value.dst else None
 
 
 def lower(program: Program) -> tuple[tuple[Op, ...], ...]:
