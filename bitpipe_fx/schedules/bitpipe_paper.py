@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bitpipe_fx.errors import ScheduleError
+from bitpipe_fx.schedules.build import require_even_devices, require_multiple_of_devices
 from bitpipe_fx.schedules.ir import Action, Program, bitpipe_placement
 from bitpipe_fx.schedules.listsched import Admit, State, Timed, UnitCosts, list_schedule
 from bitpipe_fx.schedules.registry import register
@@ -22,18 +22,8 @@ from bitpipe_fx.schedules.registry import register
 
 def check_bitpipe(name: str, devices: int, microbatches: int) -> None:
     """BitPipe needs an even D (replicas on d and D-1-d) and N a multiple of D (D/2 per pipe per unit)."""
-    if devices % 2:
-        raise ScheduleError(
-            f"{name} needs an even number of devices, got devices={devices}; use {max(2, devices - 1)} or "
-            f"{devices + 1}"
-        )
-    if microbatches % devices:
-        lower = microbatches // devices * devices
-        options = [n for n in (lower, lower + devices) if n > 0]
-        raise ScheduleError(
-            f"{name} needs microbatches to be a multiple of devices={devices}, got microbatches={microbatches}; "
-            f"use {' or '.join(map(str, options))}"
-        )
+    require_even_devices(name, devices)
+    require_multiple_of_devices(name, devices, microbatches)
 
 
 def bitpipe_pipe_of(devices: int, microbatches: int) -> tuple[int, ...]:

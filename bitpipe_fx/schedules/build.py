@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from bitpipe_fx.errors import ScheduleError
 from bitpipe_fx.schedules.ir import Action, Placement, Program
 
 BACKWARD_KINDS = ("B", "W")  # the kinds that finish a chunk's gradient (W when backward is split)
@@ -41,3 +42,23 @@ def assemble(
         tuple(pipe_of),
         tuple(with_eager_syncs(placement, d, acts) for d, acts in enumerate(per_device)),
     )
+
+
+def require_even_devices(name: str, devices: int) -> None:
+    """Bidirectional schedules pair device d with D-1-d, so D must be even."""
+    if devices % 2:
+        raise ScheduleError(
+            f"{name} needs an even number of devices, got devices={devices}; use {max(2, devices - 1)} or "
+            f"{devices + 1}"
+        )
+
+
+def require_multiple_of_devices(name: str, devices: int, microbatches: int) -> None:
+    """Schedules that admit micro-batches in rounds of D need N to be a multiple of D."""
+    if microbatches % devices:
+        lower = microbatches // devices * devices
+        options = [n for n in (lower, lower + devices) if n > 0]
+        raise ScheduleError(
+            f"{name} needs microbatches to be a multiple of devices={devices}, got microbatches={microbatches}; "
+            f"use {' or '.join(map(str, options))}"
+        )

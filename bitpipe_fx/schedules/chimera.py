@@ -11,7 +11,7 @@ fastest. With F = B this gives Chimera's bubble (D-2)/(2N+D-2); forward doubling
 from __future__ import annotations
 
 from bitpipe_fx.errors import ScheduleError
-from bitpipe_fx.schedules.build import assemble
+from bitpipe_fx.schedules.build import assemble, require_even_devices
 from bitpipe_fx.schedules.ir import Action, Program, chimera_placement
 from bitpipe_fx.schedules.listsched import Admit, State, UnitCosts, list_schedule, makespan
 from bitpipe_fx.schedules.registry import register
@@ -38,11 +38,7 @@ def _window(half: int, lag: int) -> Admit:
 @register("chimera")
 def chimera(devices: int, microbatches: int, forward: float = 1.0, backward: float = 2.0) -> Program:
     """Chimera's bidirectional order for even D and N, tuned for the costs of one F and one B."""
-    if devices % 2:
-        raise ScheduleError(
-            f"chimera needs an even number of devices, got devices={devices}; use {max(2, devices - 1)} or "
-            f"{devices + 1}"
-        )
+    require_even_devices("chimera", devices)
     if microbatches % 2:
         raise ScheduleError(
             f"chimera needs an even number of micro-batches (half per pipe), got microbatches={microbatches}; "

@@ -8,7 +8,7 @@ backwards, for micro-batch (k // vD)·D + k mod D; device d warms up with 2(D-1-
 from __future__ import annotations
 
 from bitpipe_fx.errors import ScheduleError
-from bitpipe_fx.schedules.build import assemble
+from bitpipe_fx.schedules.build import assemble, require_multiple_of_devices
 from bitpipe_fx.schedules.ir import Action, Program, linear_placement
 from bitpipe_fx.schedules.registry import register
 
@@ -18,13 +18,7 @@ def interleaved(devices: int, microbatches: int, chunks: int = 2) -> Program:
     """Megatron's interleaved 1F1B with ``chunks`` (v) model chunks per device; N must be a multiple of D."""
     if not isinstance(chunks, int) or chunks < 2:
         raise ScheduleError(f"interleaved needs chunks >= 2, got chunks={chunks!r}; use '1f1b' for one chunk")
-    if microbatches % devices:
-        lower = microbatches // devices * devices
-        options = [n for n in (lower, lower + devices) if n > 0]
-        raise ScheduleError(
-            f"interleaved (Megatron's order) needs microbatches to be a multiple of devices={devices}, got "
-            f"microbatches={microbatches}; use {' or '.join(map(str, options))}"
-        )
+    require_multiple_of_devices("interleaved (Megatron's order)", devices, microbatches)
     total = microbatches * chunks
 
     def virtual(kind: str, k: int, d: int) -> Action:
