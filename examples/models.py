@@ -39,18 +39,9 @@ class GPTConfig:
 
 
 @dataclass(frozen=True)
-class BertConfig:
-    """Sizes of the BERT-style encoder and its example micro-batch."""
+class BertConfig(GPTConfig):
+    """Sizes of the BERT-style encoder: the GPT-style fields plus the post-LN epsilon."""
 
-    vocab: int = 128
-    seq: int = 16
-    dim: int = 32
-    heads: int = 2
-    layers: int = 4
-    mlp_ratio: int = 4
-    dropout: float = 0.0
-    micro_batch: int = 2
-    seed: int = 0
     eps: float = 1e-12
 
 
