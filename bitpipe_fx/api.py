@@ -22,8 +22,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from bitpipe_fx.compiler import build_plan, split_from_plan
 from bitpipe_fx.errors import ConfigError
 from bitpipe_fx.passes.stages import SplitModel
+from bitpipe_fx.plan import Plan
 from bitpipe_fx.runtime.batch import BatchSplitter, as_call
 from bitpipe_fx.runtime.distributed import DistributedExecutor
 from bitpipe_fx.runtime.local import LocalExecutor
@@ -238,8 +240,6 @@ def compile(
     path to one saved by ``bitpipe-fx partition``, to reuse its partition and program; ``timeout``: bound
     in seconds of every wait in a distributed step.
     """
-    from bitpipe_fx.plan import Plan, build_plan, split_from_plan
-
     distributed = _distributed()
     if distributed and dist.get_world_size() != devices * data_parallel and plan is None:
         raise ConfigError(
@@ -262,8 +262,6 @@ def compile(
 
 def _agree_on_plan(plan: Any, split: SplitModel, model: nn.Module, example_inputs: Any) -> tuple[Any, SplitModel]:
     """Every rank uses rank 0's plan (a measured cost model could differ between ranks)."""
-    from bitpipe_fx.plan import Plan, split_from_plan
-
     box = [plan.to_json() if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)
     if box[0] == plan.to_json():

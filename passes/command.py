@@ -38,7 +38,7 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bitpipe_fx.plan import build_plan
+    from bitpipe_fx.compiler import build_plan
 
     model, example_inputs = load_factory(args.target, parse_kwargs(args.arg))
     plan, _ = build_plan(

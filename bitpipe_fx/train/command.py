@@ -152,7 +152,7 @@ def run(cfg: TrainConfig, command: str = "train") -> int:
     say(_header(cfg, command, model, corpus, torchrun, backend, start), flush=True)
     plan_path = None
     if not torchrun:
-        from bitpipe_fx.plan import build_plan
+        from bitpipe_fx.compiler import build_plan
 
         plan, _ = build_plan(model, example, cfg.schedule, cfg.devices, cfg.microbatches, **dict(cfg.schedule_options))
         plan_path = str(Path(cfg.out) / "plan.json")
