@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from bitpipe_fx.errors import ConfigError
+from bitpipe_fx.matching import Origin, model_origin, origin_difference
 from bitpipe_fx.passes.cost import CostTable, StageCost
 from bitpipe_fx.schedules.ir import Program
+from bitpipe_fx.schedules.spec import schedule_spec
 
 DEFAULT_FLOP_RATE = 1e12
 
@@ -42,6 +44,7 @@ class Plan:
     forward_times: tuple[float, ...] | None = None  # measured seconds per stage (profile=True)
     backward_times: tuple[float, ...] | None = None
     schedule_options: dict[str, Any] = field(default_factory=dict)
+    origin: Origin = field(default_factory=Origin)  # the model it was made for: a mismatch names what differs
 
     # ---- derived quantities --------------------------------------------------------------------
 
@@ -145,7 +148,8 @@ class Plan:
     # ---- JSON ----------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        data = {k: v for k, v in asdict(self).items() if k not in ("program", "stages")}
+        data = {k: v for k, v in asdict(self).items() if k not in ("program", "stages", "origin")}
+        data["origin"] = self.origin.to_dict()
         data["program"] = self.program.to_dict()
         data["stages"] = [asdict(s) for s in self.stages]
         return data
@@ -167,6 +171,7 @@ class Plan:
                 forward_times=_floats(data.get("forward_times")),
                 backward_times=_floats(data.get("backward_times")),
                 schedule_options=dict(data.get("schedule_options") or {}),
+                origin=Origin.from_dict(data.get("origin")),
             )
         except (KeyError, TypeError) as exc:
             raise ConfigError(
@@ -243,7 +248,8 @@ def build_plan(
     if flop_rate <= 0:
         raise ConfigError(f"flop_rate must be > 0 FLOP/s, got {flop_rate}")
     n = 2 * devices if microbatches is None else microbatches
-    program = generate(schedule, devices, n, **schedule_options)
+    spec = schedule_spec(schedule, schedule_options)
+    program = generate(spec.name, devices, n, **spec.kwargs())
     args, kwargs = normalize_inputs(example_inputs)
     captured = capture(model, args, kwargs, leaf_modules=leaf_modules)
     costs = estimate_costs(captured)
@@ -268,7 +274,7 @@ def build_plan(
         stage_model = split(captured, part)
         times = measure_stages(stage_model, captured.example_inputs)
     plan = Plan(
-        schedule=schedule,
+        schedule=spec.name,
         devices=devices,
         microbatches=n,
         program=program,
@@ -279,7 +285,8 @@ def build_plan(
         flop_rate=float(flop_rate),
         forward_times=times[0],
         backward_times=times[1],
-        schedule_options=dict(schedule_options),
+        schedule_options=spec.kwargs(),
+        origin=model_origin(model, example_inputs),
     )
     return plan, stage_model
 
@@ -304,6 +311,7 @@ def split_from_plan(model: Any, example_inputs: Any, plan: Plan, *, leaf_modules
     if found != plan.graph_hash:
         raise ConfigError(
             f"the plan was made for a different graph (plan {plan.graph_hash}, this model and micro-batch give "
-            f"{found}: another model, config, micro-batch shape or torch version); re-run `bitpipe-fx partition`"
+            f"{found}): {origin_difference(plan.origin, model_origin(model, example_inputs))}; build the model "
+            "and micro-batch the plan was made for, or re-run `bitpipe-fx partition` for this one"
         )
     return split(captured, plan.cuts)
