@@ -24,6 +24,7 @@ from torch import nn
 
 from bitpipe_fx.compiler import build_plan, split_from_plan
 from bitpipe_fx.errors import ConfigError
+from bitpipe_fx.matching import compile_settings
 from bitpipe_fx.passes.stages import SplitModel
 from bitpipe_fx.plan import Plan
 from bitpipe_fx.runtime.batch import BatchSplitter, as_call
@@ -223,9 +224,9 @@ def compile(
     model: nn.Module,
     example_inputs: Any,
     loss_fn: Callable[[Any, Any], torch.Tensor],
-    schedule: str = "bitpipe",
-    devices: int = 4,
-    microbatches: int = 8,
+    schedule: str | None = None,
+    devices: int | None = None,
+    microbatches: int | None = None,
     optimizer: OptimizerFactory | None = None,
     data_parallel: int = 1,
     plan: Any = None,
@@ -236,10 +237,15 @@ def compile(
 ) -> CompiledPipeline:
     """Capture, partition, split and schedule ``model``; returns a pipeline that trains it.
 
-    ``example_inputs``: ONE micro-batch (tensor, tuple of args or dict of kwargs); ``plan``: a Plan, or a
-    path to one saved by ``bitpipe-fx partition``, to reuse its partition and program; ``timeout``: bound
-    in seconds of every wait in a distributed step.
+    ``example_inputs``: ONE micro-batch (tensor, tuple of args or dict of kwargs); ``schedule``: a spec
+    ``NAME[:key=value,...]`` (default bitpipe), D default 4, N default 8; ``plan``: a Plan, or a path to one
+    saved by ``bitpipe-fx partition``, to reuse its partition and program (schedule, D and N then come from
+    it; a different value given here is refused); ``timeout``: bound in seconds of every wait in a
+    distributed step.
     """
+    if isinstance(plan, (str, Path)):
+        plan = Plan.load(plan)
+    spec, devices, microbatches = compile_settings(plan, schedule, devices, microbatches, schedule_options)
     distributed = _distributed()
     if distributed and dist.get_world_size() != devices * data_parallel and plan is None:
         raise ConfigError(
@@ -247,10 +253,8 @@ def compile(
             f"{devices} x {data_parallel} = {devices * data_parallel}; launch that many processes or change them"
         )
     if plan is None:
-        plan, split = build_plan(model, example_inputs, schedule, devices, microbatches, **schedule_options)
+        plan, split = build_plan(model, example_inputs, spec.name, devices, microbatches, **spec.kwargs())
     else:
-        if isinstance(plan, (str, Path)):
-            plan = Plan.load(plan)
         split = split_from_plan(model, example_inputs, plan)
     if distributed:
         plan, split = _agree_on_plan(plan, split, model, example_inputs)

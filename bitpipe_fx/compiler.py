@@ -11,6 +11,7 @@ import hashlib
 from torch import nn
 
 from bitpipe_fx.errors import ConfigError
+from bitpipe_fx.matching import model_origin, origin_difference
 from bitpipe_fx.passes import capture, estimate_costs, partition, split
 from bitpipe_fx.passes.capture import normalize_inputs
 from bitpipe_fx.passes.cost import CostTable
@@ -18,6 +19,7 @@ from bitpipe_fx.passes.profile import measure_stages
 from bitpipe_fx.passes.stages import Inputs, SplitModel
 from bitpipe_fx.plan import DEFAULT_FLOP_RATE, Plan
 from bitpipe_fx.schedules import generate
+from bitpipe_fx.schedules.spec import schedule_spec
 
 
 def graph_hash(costs: CostTable) -> str:
@@ -49,7 +51,8 @@ def build_plan(
     if flop_rate <= 0:
         raise ConfigError(f"flop_rate must be > 0 FLOP/s, got {flop_rate}")
     n = 2 * devices if microbatches is None else microbatches
-    program = generate(schedule, devices, n, **schedule_options)
+    spec = schedule_spec(schedule, schedule_options)
+    program = generate(spec.name, devices, n, **spec.kwargs())
     args, kwargs = normalize_inputs(example_inputs)
     captured = capture(model, args, kwargs, leaf_modules=leaf_modules)
     costs = estimate_costs(captured)
@@ -72,7 +75,7 @@ def build_plan(
         stage_model = split(captured, part)
         times = measure_stages(stage_model, captured.example_inputs)
     plan = Plan(
-        schedule=schedule,
+        schedule=spec.name,
         devices=devices,
         microbatches=n,
         program=program,
@@ -83,7 +86,8 @@ def build_plan(
         flop_rate=float(flop_rate),
         forward_times=times[0],
         backward_times=times[1],
-        schedule_options=dict(schedule_options),
+        schedule_options=spec.kwargs(),
+        origin=model_origin(model, example_inputs),
     )
     return plan, stage_model
 
@@ -106,6 +110,7 @@ def split_from_plan(model: nn.Module, example_inputs: Inputs, plan: Plan, *,
     if found != plan.graph_hash:
         raise ConfigError(
             f"the plan was made for a different graph (plan {plan.graph_hash}, this model and micro-batch give "
-            f"{found}: another model, config, micro-batch shape or torch version); re-run `bitpipe-fx partition`"
+            f"{found}): {origin_difference(plan.origin, model_origin(model, example_inputs))}; build the model "
+            "and micro-batch the plan was made for, or re-run `bitpipe-fx partition` for this one"
         )
     return split(captured, plan.cuts)

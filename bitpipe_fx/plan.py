@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bitpipe_fx.errors import ConfigError
+from bitpipe_fx.matching import Origin
 from bitpipe_fx.passes.cost import StageCost
 from bitpipe_fx.schedules.ir import Program
 from bitpipe_fx.sim.cost import CostModel, PerStage
@@ -43,6 +44,7 @@ class Plan:
     forward_times: tuple[float, ...] | None = None  # measured seconds per stage (profile=True)
     backward_times: tuple[float, ...] | None = None
     schedule_options: ScheduleOptions = field(default_factory=dict)
+    origin: Origin = field(default_factory=Origin)  # the model it was made for: a mismatch names what differs
 
     # ---- derived quantities --------------------------------------------------------------------
 
@@ -140,7 +142,8 @@ class Plan:
     # ---- JSON ----------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, object]:
-        data = {k: v for k, v in asdict(self).items() if k not in ("program", "stages")}
+        data = {k: v for k, v in asdict(self).items() if k not in ("program", "stages", "origin")}
+        data["origin"] = self.origin.to_dict()
         data["program"] = self.program.to_dict()
         data["stages"] = [asdict(s) for s in self.stages]
         return data
@@ -162,6 +165,7 @@ class Plan:
                 forward_times=_floats(data.get("forward_times")),
                 backward_times=_floats(data.get("backward_times")),
                 schedule_options=dict(data.get("schedule_options") or {}),
+                origin=Origin.from_dict(data.get("origin")),
             )
         except (KeyError, TypeError) as exc:
             raise ConfigError(

@@ -53,6 +53,7 @@ class TrainConfig:
     max_bytes: int = 16 * 2**20
     out: str = "runs/train"
     resume: bool = False
+    overwrite: bool = False
     eval_every: int | None = None
     eval_batches: int = 4
     save_every: int = 50
@@ -108,6 +109,13 @@ def check(cfg: TrainConfig) -> None:
         raise ConfigError(f"--lr must be a positive number, got {cfg.lr}")
     if cfg.warmup < 0 or cfg.save_every < 0 or cfg.compare_steps < 0 or (cfg.eval_every or 0) < 0:
         raise ConfigError("--warmup, --save-every, --eval-every and --compare-steps must be >= 0")
+    if not (cfg.weight_decay >= 0 and math.isfinite(cfg.weight_decay)):
+        raise ConfigError(f"--weight-decay must be a number >= 0, got {cfg.weight_decay}")
+    if cfg.record_step is not None and not 1 <= cfg.record_step <= cfg.steps:
+        raise ConfigError(f"--record-step {cfg.record_step} is not a step of this run; pass a step in 1..{cfg.steps} "
+                          "(--steps) or leave it out (the third step is recorded)")
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("--resume continues the run in --out and --overwrite replaces it; pass one of them")
     if cfg.timeout <= 0:
         raise ConfigError(f"--timeout must be > 0 seconds, got {cfg.timeout}")
     if cfg.local and cfg.data_parallel != 1:

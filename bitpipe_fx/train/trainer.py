@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,19 @@ def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def tag_warnings(rank: int) -> None:
+    """Prefix the warnings of ranks other than 0 with their rank (rank 0 alone prints the plan and progress)."""
+    if rank == 0:
+        return
+    plain = warnings.formatwarning
+
+    def tagged(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+               line: str | None = None) -> str:
+        return f"[rank {rank}] {plain(message, category, filename, lineno, line)}"
+
+    warnings.formatwarning = tagged
+
+
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -143,6 +157,7 @@ def worker(cfg: TrainConfig, plan_path: str | None, start: int, history: History
     _thread_lock_for_tqdm()
     torch.set_num_threads(cfg.threads)
     rank, _, backend = _rank()
+    tag_warnings(rank)
     device = device_for(backend, cfg.cpu)
     torch.manual_seed(cfg.seed)
     model, example = build_model(cfg)
