@@ -22,7 +22,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from bitpipe_fx import export
 from bitpipe_fx.errors import ConfigError
+from bitpipe_fx.export import mode_values
 from bitpipe_fx.passes.stages import SplitModel
 from bitpipe_fx.runtime.batch import BatchSplitter, as_call
 from bitpipe_fx.runtime.distributed import DistributedExecutor
@@ -80,6 +82,7 @@ class CompiledPipeline:
         trace_path: str | Path | None = None,
         lookahead: int = 4,
         state_names: tuple[list[str], dict[str, str]] | None = None,
+        source: nn.Module | None = None,
     ) -> None:
         if program.stages != split.num_stages:
             raise ConfigError(
@@ -109,6 +112,7 @@ class CompiledPipeline:
             self.executor = LocalExecutor(program, split, loss_fn, specs, data_parallel)
             self.rank = 0
         self._state_keys, self._canonical = state_names or ([], {})
+        self._source = source  # the compiled model: its class and config for a Hugging Face export
         params = [p for r in self.executor.replicas for p in r.trainable]
         self.optimizer = optimizer(params) if optimizer is not None else None
         self.last_timeline: list[TraceEvent] = []
@@ -203,18 +207,47 @@ class CompiledPipeline:
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's state_dict (original keys, tied names included) on rank 0; {} elsewhere."""
-        mine = model_state(self.executor.replicas)
+        return self._gathered(model_state(self.executor.replicas), everywhere=False)
+
+    def _gathered(self, mine: dict[str, torch.Tensor], everywhere: bool) -> dict[str, torch.Tensor]:
+        """Every rank's part by original key on rank 0 (on every rank with ``everywhere``); {} elsewhere."""
         if self.distributed:
             parts: list[dict[str, torch.Tensor] | None] = [None] * dist.get_world_size()
-            dist.gather_object(mine, parts if self.rank == 0 else None, dst=0)
-            if self.rank != 0:
-                return {}
-            for part in parts[1:]:
+            if everywhere:
+                dist.all_gather_object(parts, mine)
+            else:
+                dist.gather_object(mine, parts if self.rank == 0 else None, dst=0)
+                if self.rank != 0:
+                    return {}
+            mine = {}
+            for part in parts:
                 for k, v in (part or {}).items():
                     mine.setdefault(k, v)
         if not self._state_keys:
             return mine
         return {k: mine[self._canonical[k]] for k in self._state_keys if self._canonical[k] in mine}
+
+    # ---- after training: export, load_into ------------------------------------------------------
+
+    def trained_state_dict(self, weights: str = "eval", everywhere: bool = False) -> dict[str, torch.Tensor]:
+        """``full_state_dict()`` with the parameters of mode ``weights`` (Schedule-Free: "eval" = x, "train" = y);
+        on rank 0 only unless ``everywhere``. The pipeline and its optimizer are unchanged."""
+        mine = model_state(self.executor.replicas)
+        mine.update(mode_values(self._first_copies(), self.optimizer, weights, self.training))
+        return self._gathered(mine, everywhere)
+
+    def export(self, path: str | Path, weights: str = "eval") -> Path | None:
+        """Write the trained weights (see ``bitpipe_fx.export``): a safetensors file, or a ``from_pretrained``
+        directory for a Hugging Face model. Under torch.distributed rank 0 writes; returns the path there."""
+        state = self.trained_state_dict(weights)
+        if self.distributed and self.rank != 0:
+            return None
+        return export.save(path, state, self._source)
+
+    def load_into(self, model: nn.Module, weights: str = "eval") -> nn.Module:
+        """Copy the trained weights into ``model`` (every name and shape must match) on every rank; returns it."""
+        export.load_strict(model, self.trained_state_dict(weights, everywhere=True))
+        return model
 
 
 def compile(
@@ -256,7 +289,7 @@ def compile(
         plan, split = _agree_on_plan(plan, split, model, example_inputs)
     return CompiledPipeline(
         split, plan.program, loss_fn, example_inputs, optimizer=optimizer, data_parallel=data_parallel, plan=plan,
-        timeout=timeout, trace_path=trace_path, state_names=_state_names(model),
+        timeout=timeout, trace_path=trace_path, state_names=_state_names(model), source=model,
     )
 
 

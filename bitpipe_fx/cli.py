@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "partition": "bitpipe_fx.passes.command",
     "train": "bitpipe_fx.train",
     "demo": "bitpipe_fx.train",
+    "export": "bitpipe_fx.train.export_command",
 }
 
 
