@@ -29,6 +29,7 @@ from bitpipe_fx.passes.stages import SplitModel
 from bitpipe_fx.runtime.batch import BatchSplitter, as_call
 from bitpipe_fx.runtime.distributed import DistributedExecutor
 from bitpipe_fx.runtime.local import LocalExecutor
+from bitpipe_fx.runtime.predict import assemble
 from bitpipe_fx.runtime.specs import trace_boundaries
 from bitpipe_fx.runtime.state import load_model_state, load_optimizer_state, model_state, optimizer_state
 from bitpipe_fx.runtime.timeline import write_timeline
@@ -97,6 +98,7 @@ class CompiledPipeline:
                 f"lambda params: torch.optim.AdamW(params, lr=1e-3); got {type(optimizer).__name__}"
             )
         validate(program)
+        self._unflatten = split.unflatten_output
         self.program, self.plan, self.loss_fn = program, plan, loss_fn
         self.data_parallel, self.timeout, self.trace_path = data_parallel, timeout, trace_path
         args, kwargs = as_call(example_inputs)
@@ -143,6 +145,21 @@ class CompiledPipeline:
     def evaluate(self, inputs: Any, targets: Any) -> float:
         """Forward-only mean loss over the batch (no gradients; the current train/eval mode applies)."""
         return self.executor.run(self._splitter.split(inputs, targets), train=False, record=False)
+
+    def predict(self, inputs: Any) -> Any:
+        """Forward only over the batch's micro-batches, stage modules in eval mode (dropout off); returns the
+        model's outputs for the whole batch as the unpipelined model would (see runtime.predict), on every rank
+        of the pipeline. The weights are those of the pipeline's mode (Schedule-Free: pipe.eval() for x)."""
+        batch = self._splitter.split(inputs, None)
+        modes = [r.module.training for r in self.executor.replicas]
+        for r in self.executor.replicas:
+            r.module.train(False)
+        try:
+            flat = self.executor.predict(batch)
+        finally:
+            for r, mode in zip(self.executor.replicas, modes):
+                r.module.train(mode)
+        return assemble(flat, self.program.microbatches, self._splitter.rows, self._unflatten)
 
     def _after(self, record: bool) -> None:
         if not record:
