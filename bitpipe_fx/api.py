@@ -26,6 +26,7 @@ from bitpipe_fx import export
 from bitpipe_fx.errors import ConfigError
 from bitpipe_fx.export import mode_values
 from bitpipe_fx.passes.stages import SplitModel
+from bitpipe_fx.runtime import dcp as checkpoint_dcp
 from bitpipe_fx.runtime.batch import BatchSplitter, as_call
 from bitpipe_fx.runtime.distributed import DistributedExecutor
 from bitpipe_fx.runtime.local import LocalExecutor
@@ -221,6 +222,16 @@ class CompiledPipeline:
         load_model_state(self.executor.replicas, model)
         if self.optimizer is not None and "optimizer" in state:
             load_optimizer_state(self.optimizer, self.executor.replicas, state["optimizer"])
+
+    def save_checkpoint(self, path: str | Path, extra: Mapping[str, Any] | None = None) -> None:
+        """Model and optimizer state by original names as a torch.distributed.checkpoint folder, every rank
+        writing its stages in parallel (collective: call it on every rank); ``extra``: objects to keep with it."""
+        checkpoint_dcp.save(path, self.executor.replicas, self.optimizer, extra or {})
+
+    def load_checkpoint(self, path: str | Path, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+        """Load a ``save_checkpoint`` folder, whatever schedule, D or data-parallel size wrote it; returns the
+        ``extra`` objects named (those present)."""
+        return checkpoint_dcp.load(path, self.executor.replicas, self.optimizer, extra)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's state_dict (original keys, tied names included) on rank 0; {} elsewhere."""
