@@ -1,6 +1,6 @@
-"""Resharded resume through the real console script: bitpipe at D=4 for 3 steps, then 1f1b at D=2, then one
-process (--local, gpipe at D=2), continue exactly (float64) the losses of an uninterrupted run and of the
-non-pipelined reference; a damaged checkpoint is refused before any process starts."""
+"""Resharded resume through the real console script: bitpipe at D=4 for 3 steps, then 1f1b at D=2 x
+data-parallel 2, then one process (--local, gpipe at D=2), continue exactly (float64) the losses of an
+uninterrupted run and of the non-pipelined reference; a damaged checkpoint is refused before any process starts."""
 
 from __future__ import annotations
 
@@ -38,11 +38,11 @@ def _losses(out: Path) -> list[float]:
     return json.loads((out / "metrics.json").read_text())["losses"]
 
 
-def test_resume_under_another_schedule_device_count_and_in_one_process(tmp_path):
+def test_resume_under_another_schedule_device_count_data_parallel_size_and_in_one_process(tmp_path):
     run = tmp_path / "run"
     _train(run, "--schedule", "bitpipe", "--devices", "4", "--steps", "3")
     assert len(list(checkpoint.step_dir(run, 3).glob("__*_0.distcp"))) == 4  # every rank wrote its part
-    _train(run, "--schedule", "1f1b", "--devices", "2", "--steps", "5", "--resume")
+    _train(run, "--schedule", "1f1b", "--devices", "2", "--data-parallel", "2", "--steps", "5", "--resume")
     _train(run, "--schedule", "gpipe", "--devices", "2", "--local", "--steps", "6", "--resume")
     resumed = _losses(run)
     whole = tmp_path / "whole"
