@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "train": "bitpipe_fx.train",
     "demo": "bitpipe_fx.train",
     "export": "bitpipe_fx.train.export_command",
+    "sample": "bitpipe_fx.train.sample",
 }
 
 
