@@ -24,6 +24,7 @@ _LAZY = {
     "inspect": ("bitpipe_fx.compiler", "inspect"),
     "Plan": ("bitpipe_fx.plan", "Plan"),
     "optim": ("bitpipe_fx.optim", None),
+    "export": ("bitpipe_fx.export", None),
 }
 
 
