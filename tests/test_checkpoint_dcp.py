@@ -11,7 +11,7 @@ import torch
 import bitpipe_fx as bp
 from bitpipe_fx.errors import ConfigError
 from bitpipe_fx.examples.models import gpt, lm_batch, lm_loss
-from bitpipe_fx.runtime.testing import max_rel_err
+from tests.support.reference import max_rel_err
 
 
 def _pipe(model, example, schedule: str, devices: int):

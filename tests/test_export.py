@@ -14,7 +14,7 @@ import bitpipe_fx as bp
 from bitpipe_fx import export
 from bitpipe_fx.errors import ConfigError
 from bitpipe_fx.examples.models import gpt, lm_batch, lm_loss
-from bitpipe_fx.runtime.testing import max_rel_err, reference_grads
+from tests.support.reference import max_rel_err, reference_grads
 
 schedulefree = pytest.importorskip("schedulefree")
 

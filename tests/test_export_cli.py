@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from bitpipe_fx import export
-from bitpipe_fx.runtime.testing import max_rel_err
 from bitpipe_fx.train.data import Batches, load_corpus
 from bitpipe_fx.train.job import TrainConfig, build_model, loss_fn
+from tests.support.reference import max_rel_err
 
 schedulefree = pytest.importorskip("schedulefree")
 pytestmark = [pytest.mark.dist, pytest.mark.slow]

@@ -12,8 +12,8 @@ from torch import nn
 import bitpipe_fx as bp
 from bitpipe_fx.errors import ConfigError
 from bitpipe_fx.examples.models import gpt, lm_batch, lm_loss
-from bitpipe_fx.runtime.testing import max_rel_err
 from bitpipe_fx.schedules import SCHEDULES
+from tests.support.reference import max_rel_err
 
 FAMILIES = sorted(SCHEDULES)
 
