@@ -16,7 +16,7 @@ For D = 4, N = 4 this is DESIGN.md's listing op for op.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from itertools import chain, islice
 
 from bitpipe_fx.schedules.build import require_even_devices, require_multiple_of_devices
@@ -58,6 +58,7 @@ def unit(kind: str, devices: int, d: int, j: int) -> list[Action]:
         return Action(kind, pipe, stage[pipe, leg], j * devices + pipe * half + q)
 
     def pairs(n: int, x: tuple[int, int, int], y: tuple[int, int, int]) -> list[Action]:
+        """n alternations of x and y, each given as (pipe, leg, slot of its first micro-batch in the unit)."""
         return [act for q in range(n) for act in (op(x[0], x[1], x[2] + q), op(y[0], y[1], y[2] + q))]
 
     return [
@@ -91,7 +92,7 @@ def device_order(devices: int, microbatches: int, d: int) -> list[Action]:
     return order + list(bwd)  # cool-down
 
 
-def with_paper_syncs(devices: int, d: int, actions: list[Action]) -> tuple[Action, ...]:
+def with_paper_syncs(devices: int, d: int, actions: Sequence[Action]) -> tuple[Action, ...]:
     """The return legs' SYNC pair before the last backward (after it when a = 1), the outbound pair last."""
     stage = stages_of(devices, d)
     back, out = ([Action("SYNC", p, stage[p, leg]) for p in (0, 1)] for leg in (BACK, OUT))
@@ -112,5 +113,5 @@ def bitpipe_paper(devices: int, microbatches: int) -> Program:
         "bitpipe-paper",
         bitpipe_placement(devices),
         bitpipe_pipe_of(devices, microbatches),
-        tuple(with_paper_syncs(devices, d, list(acts)) for d, acts in enumerate(paper_order(devices, microbatches))),
+        tuple(with_paper_syncs(devices, d, acts) for d, acts in enumerate(paper_order(devices, microbatches))),
     )
