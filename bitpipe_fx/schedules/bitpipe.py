@@ -1,29 +1,35 @@
 """bitpipe_fx's own BitPipe: the published placement, pipe map and eager sync, with split backward.
 
 Every backward is split into I (input gradient, on the critical path) and W (weight gradient, needed only
-by the optimizer). A list schedule with the given costs runs I and F in the paper's deepest-stage-first
-order and defers W into the gaps where a device would otherwise wait; a device that holds
-``inflight * D`` deferred W's runs the oldest one first, which bounds the activations kept alive, and
-micro-batch m enters once micro-batch m - inflight * D has left stage 0. The
-generator also times the published order (each B as I then W) under the same costs and returns whichever
-is faster (on a tie the published order, which keeps fewer activations), so its makespan is never worse
-than ``bitpipe-paper``'s under those costs. By default it also tries two units of D micro-batches in
-flight, which keeps the idle time flat in N when B = 3F at the price of more activation memory.
+by the optimizer). A list schedule with the given costs runs I and F deepest stage first and defers W
+into the gaps where a device would otherwise wait; a device that holds ``inflight * D`` deferred W's runs
+the oldest one first, which bounds the activations kept alive, and micro-batch m enters once micro-batch
+m - inflight * D has left stage 0. The generator also times the published order (each B as I then W) under
+the same costs and returns whichever is faster (on a tie the published order, which keeps fewer
+activations), so its makespan is never worse than ``bitpipe-paper``'s under those costs. By default it also
+tries two units of D micro-batches in flight, which keeps the idle time flat in N when B = 3F at the price
+of more activation memory.
 """
 
 from __future__ import annotations
 
 from bitpipe_fx.errors import ScheduleError
-from bitpipe_fx.schedules.bitpipe_paper import (
-    after_slot_frees,
-    bitpipe_pipe_of,
-    check_bitpipe,
-    paper_order,
-)
+from bitpipe_fx.schedules.bitpipe_paper import bitpipe_pipe_of, check_bitpipe, paper_order
 from bitpipe_fx.schedules.build import assemble
 from bitpipe_fx.schedules.ir import Action, Program, bitpipe_placement
-from bitpipe_fx.schedules.listsched import UnitCosts, list_schedule, makespan
+from bitpipe_fx.schedules.listsched import Admit, State, UnitCosts, list_schedule, makespan
 from bitpipe_fx.schedules.registry import register
+
+
+def after_slot_frees(lag: int) -> Admit:
+    """Micro-batch m may enter stage 0 once micro-batch m - lag has finished its input gradient there."""
+
+    def admit(a: Action, state: State) -> bool:
+        if a.kind != "F" or a.stage != 0 or a.microbatch < lag:
+            return True
+        return state.finished(("B/I", a.pipe, 0, a.microbatch - lag))
+
+    return admit
 
 
 def _deferred_w(a: Action, ready: float) -> tuple:
@@ -66,7 +72,7 @@ def bitpipe(
     costs = UnitCosts(_tuple(forward), _tuple(backward), weight_fraction)
     place = bitpipe_placement(devices)
     pipe_of = bitpipe_pipe_of(devices, microbatches)
-    candidates = [[[x for t in timed for x in _split(t.action)] for timed in paper_order(devices, microbatches)]]
+    candidates = [[[x for a in acts for x in _split(a)] for acts in paper_order(devices, microbatches)]]
     for units in (1, 2) if inflight is None else (inflight,):
         timed = list_schedule(
             place,

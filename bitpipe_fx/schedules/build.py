@@ -62,3 +62,50 @@ def require_multiple_of_devices(name: str, devices: int, microbatches: int) -> N
             f"{name} needs microbatches to be a multiple of devices={devices}, got microbatches={microbatches}; "
             f"use {' or '.join(map(str, options))}"
         )
+
+
+class DeviceOrder:
+    """One device's action list, written the way the papers write their steps: ``run(n, "F1 I1 W1")``.
+
+    An op is a kind and a chunk of this device (``F0``, ``B1``, ``I0``, ``W1``) and runs that chunk's next
+    micro-batch; B and I count as the same backward, I queues its W, ``W1`` runs chunk 1's oldest queued W
+    and a bare ``W`` the oldest queued one. Ops past the last micro-batch (or with no W queued) are skipped.
+    """
+
+    def __init__(self, stages: Sequence[int], microbatches: int) -> None:
+        self.stages, self.microbatches = tuple(stages), microbatches
+        self.actions: list[Action] = []
+        self._next = {(kind, c): 0 for kind in "FB" for c in range(len(self.stages))}
+        self._deferred: list[Action] = []
+
+    def count(self, kind: str, chunk: int) -> int:
+        """How many forwards (``F``) or backwards (``B``: B or I) of ``chunk`` have run."""
+        return self._next[kind, chunk]
+
+    def deferred(self, chunk: int) -> int:
+        """How many W's of ``chunk`` are queued."""
+        return sum(1 for w in self._deferred if w.stage == self.stages[chunk])
+
+    def run(self, times: int, ops: str) -> None:
+        """Run the ops of ``ops`` (space separated) in order, ``times`` times."""
+        for _ in range(times):
+            for op in ops.split():
+                self._op(op[0], int(op[1:]) if op[1:] else None)
+
+    def _op(self, kind: str, chunk: int | None) -> None:
+        if kind == "W":
+            queued = [w for w in self._deferred if chunk is None or w.stage == self.stages[chunk]]
+            if queued:
+                self._deferred.remove(queued[0])
+                self.actions.append(queued[0])
+            return
+        if chunk is None or kind not in "FBI":
+            raise ScheduleError(f"unknown op {kind}{'' if chunk is None else chunk}; write F0, B1, I0, W1 or W")
+        counter = ("F" if kind == "F" else "B", chunk)
+        mb = self._next[counter]
+        if mb >= self.microbatches:
+            return
+        self._next[counter] += 1
+        self.actions.append(Action(kind, 0, self.stages[chunk], mb))
+        if kind == "I":
+            self._deferred.append(Action("W", 0, self.stages[chunk], mb))

@@ -1,74 +1,40 @@
 """DualPipeV (DeepSeek, the "cut-in-half" DualPipe): V placement, one pipe, overlapped F/B pairs.
 
-Device r holds chunk 0 = stage r and chunk 1 = stage 2D-1-r. DeepSeek's eight steps: 2(D-r-1) F0;
-r+1 (F0, F1); D-r-1 (I1, W, F1); N-2D+r+1 rounds of (F0, B1, F1, B0) — the pairs DualPipe overlaps;
-D-r-1 (B1, F1, B0); r+1 (B1, B0) switching to split backwards halfway; D-r-1 (W, I0); r+1 W. A split
-backward queues its W and each W step runs the oldest queued one.
+Device r holds chunk 0 = stage r and chunk 1 = stage 2D-1-r. Its order is the eight steps of DeepSeek's
+dualpipev.py, named as there: 1 nF0, 2 nF0F1 (warm-up, forward only); 3 nB1W1F1 (the first backwards, zero
+bubble: I then its W); 4 nF0B1F1B0, the main step, whose (F, B) pairs DualPipe overlaps; 5 nB1F1B0 and
+6 nB1B0 (cool-down, the second half of step 6 split into I and deferred W); 7 nWB0 (zero bubble: a deferred
+W, then a split backward); 8 nW (the deferred W's that remain). Each W step runs the oldest queued W.
 """
 
 from __future__ import annotations
 
-from collections import deque
-
 from bitpipe_fx.errors import ScheduleError
-from bitpipe_fx.schedules.build import assemble
+from bitpipe_fx.schedules.build import DeviceOrder, assemble
 from bitpipe_fx.schedules.ir import Action, Program, v_placement
 from bitpipe_fx.schedules.registry import register
 
 
+def _step_6(r: int) -> str:
+    """nB1B0 for r + 1 rounds, split (I0 / I1) from the middle round on: before its B1 when r is odd."""
+    ops = ["B1", "B0"] * (r + 1)
+    first_split = 2 * ((r + 1) // 2) + (r % 2 == 0)
+    return " ".join(ops[:first_split] + ["I" + op[1] for op in ops[first_split:]])
+
+
 def _rank_order(devices: int, microbatches: int, r: int) -> list[Action]:
-    stage = (r, 2 * devices - 1 - r)
-    count = {"F": [0, 0], "B": [0, 0]}
-    queued: deque[Action] = deque()
-    acts: list[Action] = []
-
-    def f(c: int) -> None:
-        acts.append(Action("F", 0, stage[c], count["F"][c]))
-        count["F"][c] += 1
-
-    def b(c: int, split: bool = False) -> None:
-        mb = count["B"][c]
-        count["B"][c] += 1
-        acts.append(Action("I" if split else "B", 0, stage[c], mb))
-        if split:
-            queued.append(Action("W", 0, stage[c], mb))
-
-    def w() -> None:
-        acts.append(queued.popleft())
-
+    """DeepSeek's eight steps for rank r."""
+    dev = DeviceOrder((r, 2 * devices - 1 - r), microbatches)
     rest = devices - r - 1
-    for _ in range(2 * rest):
-        f(0)
-    for _ in range(r + 1):
-        f(0)
-        f(1)
-    for _ in range(rest):
-        b(1, split=True)
-        w()
-        f(1)
-    for _ in range(microbatches - 2 * devices + r + 1):
-        f(0)
-        b(1)
-        f(1)
-        b(0)
-    for _ in range(rest):
-        b(1)
-        f(1)
-        b(0)
-    split = False
-    for i in range(r + 1):
-        if i == (r + 1) // 2 and r % 2 == 1:
-            split = True
-        b(1, split)
-        if i == (r + 1) // 2 and r % 2 == 0:
-            split = True
-        b(0, split)
-    for _ in range(rest):
-        w()
-        b(0, split=True)
-    while queued:
-        w()
-    return acts
+    dev.run(2 * rest, "F0")  # step 1: nF0
+    dev.run(r + 1, "F0 F1")  # step 2: nF0F1
+    dev.run(rest, "I1 W F1")  # step 3: nB1W1F1, zero bubble
+    dev.run(microbatches - 2 * devices + r + 1, "F0 B1 F1 B0")  # step 4: nF0B1F1B0, overlapped pairs
+    dev.run(rest, "B1 F1 B0")  # step 5: nB1F1B0
+    dev.run(1, _step_6(r))  # step 6: nB1B0, second half zero bubble
+    dev.run(rest, "W I0")  # step 7: nWB0, zero bubble
+    dev.run(r + 1, "W")  # step 8: nW
+    return dev.actions
 
 
 @register("dualpipev")
