@@ -12,9 +12,7 @@ micro-batches, as if one model had trained on the concatenated batch.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +26,7 @@ from bitpipe_fx.passes.stages import SplitModel
 from bitpipe_fx.plan import Plan
 from bitpipe_fx.runtime.batch import BatchSplitter, as_call
 from bitpipe_fx.runtime.distributed import DistributedExecutor
+from bitpipe_fx.runtime.group import check_world, join_from_env
 from bitpipe_fx.runtime.local import LocalExecutor
 from bitpipe_fx.runtime.specs import trace_boundaries
 from bitpipe_fx.runtime.state import load_model_state, load_optimizer_state, model_state, optimizer_state
@@ -38,16 +37,6 @@ from bitpipe_fx.sim.trace import TraceEvent
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 DEFAULT_TIMEOUT = 45.0
-
-
-def _distributed() -> bool:
-    """True when torch.distributed runs more than one process (initialising it from torchrun's env)."""
-    if not dist.is_available():
-        return False
-    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1 and "MASTER_ADDR" in os.environ:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(seconds=DEFAULT_TIMEOUT * 2))
-    return dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _state_names(model: nn.Module) -> tuple[list[str], dict[str, str]]:
@@ -102,7 +91,7 @@ class CompiledPipeline:
         specs = trace_boundaries(split, split.flatten_inputs(args, kwargs))
         self._splitter = BatchSplitter(split.input_names, split.flatten_inputs, specs.model_inputs,
                                        program.microbatches)
-        self.distributed = _distributed()
+        self.distributed = join_from_env(DEFAULT_TIMEOUT * 2)
         self.executor: LocalExecutor | DistributedExecutor
         if self.distributed:
             self.executor = DistributedExecutor(program, split, loss_fn, specs, data_parallel, timeout, lookahead)
@@ -240,13 +229,10 @@ def compile(
     path to one saved by ``bitpipe-fx partition``, to reuse its partition and program; ``timeout``: bound
     in seconds of every wait in a distributed step.
     """
-    distributed = _distributed()
-    if distributed and dist.get_world_size() != devices * data_parallel and plan is None:
-        raise ConfigError(
-            f"torch.distributed has world size {dist.get_world_size()} but devices x data_parallel = "
-            f"{devices} x {data_parallel} = {devices * data_parallel}; launch that many processes or change them"
-        )
+    distributed = join_from_env(DEFAULT_TIMEOUT * 2)
     if plan is None:
+        if distributed:  # before planning, so that a wrong world fails before the model is captured
+            check_world(devices, data_parallel)
         plan, split = build_plan(model, example_inputs, schedule, devices, microbatches, **schedule_options)
     else:
         if isinstance(plan, (str, Path)):

@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from bitpipe_fx.errors import ConfigError, PipelineRuntimeError
+from bitpipe_fx.runtime.group import init_group
 
 
 class LaunchError(PipelineRuntimeError):
@@ -48,8 +49,7 @@ def _worker(fn: Callable[..., Any], rank: int, nprocs: int, backend: str, port: 
     torch.set_num_threads(threads)
     try:
         store = dist.TCPStore("127.0.0.1", port, nprocs, is_master=False, timeout=timedelta(seconds=timeout))
-        dist.init_process_group(backend, store=store, rank=rank, world_size=nprocs,
-                                timeout=timedelta(seconds=timeout))
+        init_group(backend, timeout, store, rank, nprocs)
         result = fn(*args)
         payload = pickle.dumps(result)
     except BaseException as exc:  # report anything, including SystemExit from a script
