@@ -22,6 +22,7 @@ from torch import nn
 
 from bitpipe_fx.compiler import build_plan, split_from_plan
 from bitpipe_fx.errors import ConfigError
+from bitpipe_fx.passes.capture import tied_names
 from bitpipe_fx.passes.stages import SplitModel
 from bitpipe_fx.plan import Plan
 from bitpipe_fx.runtime.batch import BatchSplitter, as_call
@@ -41,11 +42,7 @@ DEFAULT_TIMEOUT = 45.0
 
 def _state_names(model: nn.Module) -> tuple[list[str], dict[str, str]]:
     """The model's state_dict keys in order, and key -> canonical FQN (first name of a tied tensor)."""
-    first: dict[int, str] = {}
-    canonical: dict[str, str] = {}
-    for named in (model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False)):
-        for name, t in named:
-            canonical[name] = first.setdefault(id(t), name)
+    canonical, _ = tied_names(model)
     keys = list(model.state_dict().keys())
     return keys, {k: canonical.get(k, k) for k in keys}
 
