@@ -12,9 +12,8 @@ micro-batches, as if one model had trained on the concatenated batch.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,14 +22,20 @@ from torch import nn
 from bitpipe_fx.compiler import build_plan, split_from_plan
 from bitpipe_fx.errors import ConfigError
 from bitpipe_fx.passes.capture import tied_names
-from bitpipe_fx.passes.stages import SplitModel
+from bitpipe_fx.passes.stages import Inputs, LossFn, SplitModel, Targets
 from bitpipe_fx.plan import Plan
 from bitpipe_fx.runtime.batch import BatchSplitter, as_call
 from bitpipe_fx.runtime.distributed import DistributedExecutor
 from bitpipe_fx.runtime.group import check_world, join_from_env
 from bitpipe_fx.runtime.local import LocalExecutor
 from bitpipe_fx.runtime.specs import trace_boundaries
-from bitpipe_fx.runtime.state import load_model_state, load_optimizer_state, model_state, optimizer_state
+from bitpipe_fx.runtime.state import (
+    PipelineState,
+    load_model_state,
+    load_optimizer_state,
+    model_state,
+    optimizer_state,
+)
 from bitpipe_fx.runtime.timeline import write_timeline
 from bitpipe_fx.schedules.ir import Program
 from bitpipe_fx.schedules.validate import validate
@@ -58,12 +63,12 @@ class CompiledPipeline:
         self,
         split: SplitModel,
         program: Program,
-        loss_fn: Callable[[Any, Any], torch.Tensor],
-        example_inputs: Any,
+        loss_fn: LossFn,
+        example_inputs: Inputs,
         *,
         optimizer: OptimizerFactory | None = None,
         data_parallel: int = 1,
-        plan: Any = None,
+        plan: Plan | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         trace_path: str | Path | None = None,
         lookahead: int = 4,
@@ -104,7 +109,7 @@ class CompiledPipeline:
 
     # ---- steps ----------------------------------------------------------------------------------
 
-    def forward_backward(self, inputs: Any, targets: Any, record: bool = False) -> float:
+    def forward_backward(self, inputs: Inputs, targets: Targets, record: bool = False) -> float:
         """Gradients of the mean micro-batch loss, summed over replicas (see ``gradients()``); returns the loss."""
         batch = self._splitter.split(inputs, targets)
         for r in self.executor.replicas:
@@ -113,7 +118,7 @@ class CompiledPipeline:
         self._after(record)
         return loss
 
-    def step(self, inputs: Any, targets: Any, record: bool = False) -> float:
+    def step(self, inputs: Inputs, targets: Targets, record: bool = False) -> float:
         """One synchronous training step: forward_backward, optimizer step, zero grads; returns the mean loss."""
         if self.optimizer is None:
             raise ConfigError("step() needs an optimizer: compile(..., optimizer=lambda params: ...); "
@@ -124,7 +129,7 @@ class CompiledPipeline:
             r.zero_grad()
         return loss
 
-    def evaluate(self, inputs: Any, targets: Any) -> float:
+    def evaluate(self, inputs: Inputs, targets: Targets) -> float:
         """Forward-only mean loss over the batch (no gradients; the current train/eval mode applies)."""
         return self.executor.run(self._splitter.split(inputs, targets), train=False, record=False)
 
@@ -173,14 +178,14 @@ class CompiledPipeline:
         """This process's gradients by FQN, summed over replicas and tied uses (clones)."""
         return {n: p.grad.detach().clone() for n, p in self._first_copies().items() if p.grad is not None}
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> PipelineState:
         """This process's part: {"model": {fqn: tensor}, "optimizer": state by FQN (if any)}."""
-        out: dict[str, Any] = {"model": model_state(self.executor.replicas)}
+        out = PipelineState(model=model_state(self.executor.replicas))
         if self.optimizer is not None:
             out["optimizer"] = optimizer_state(self.optimizer, self.executor.replicas)
         return out
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: PipelineState) -> None:
         """Load what ``state_dict()`` returned (a full_state_dict()["model"] also works for the model)."""
         if "model" not in state:
             raise ConfigError(f"state dict has keys {sorted(state)[:5]}; expected 'model' (and 'optimizer')")
@@ -207,18 +212,18 @@ class CompiledPipeline:
 
 def compile(
     model: nn.Module,
-    example_inputs: Any,
-    loss_fn: Callable[[Any, Any], torch.Tensor],
+    example_inputs: Inputs,
+    loss_fn: LossFn,
     schedule: str = "bitpipe",
     devices: int = 4,
     microbatches: int = 8,
     optimizer: OptimizerFactory | None = None,
     data_parallel: int = 1,
-    plan: Any = None,
+    plan: Plan | str | Path | None = None,
     *,
     timeout: float = DEFAULT_TIMEOUT,
     trace_path: str | Path | None = None,
-    **schedule_options: Any,
+    **schedule_options: object,
 ) -> CompiledPipeline:
     """Capture, partition, split and schedule ``model``; returns a pipeline that trains it.
 
@@ -243,7 +248,7 @@ def compile(
     )
 
 
-def _agree_on_plan(plan: Any, split: SplitModel, model: nn.Module, example_inputs: Any) -> tuple[Any, SplitModel]:
+def _agree_on_plan(plan: Plan, split: SplitModel, model: nn.Module, example_inputs: Inputs) -> tuple[Plan, SplitModel]:
     """Every rank uses rank 0's plan (a measured cost model could differ between ranks)."""
     box = [plan.to_json() if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)

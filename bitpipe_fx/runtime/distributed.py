@@ -9,15 +9,13 @@ reduces the loss over the world so every rank returns the same value.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from bitpipe_fx.errors import PipelineRuntimeError
-from bitpipe_fx.passes.stages import SplitModel
+from bitpipe_fx.passes.stages import LossFn, SplitModel
 from bitpipe_fx.runtime.batch import MicroBatch
 from bitpipe_fx.runtime.chunk import StageReplica, build_device
 from bitpipe_fx.runtime.gradsync import GradSync
@@ -54,7 +52,7 @@ class DistributedExecutor:
         self,
         program: Program,
         split: SplitModel,
-        loss_fn: Callable[[Any, Any], torch.Tensor],
+        loss_fn: LossFn,
         specs: BoundarySpecs,
         data_parallel: int,
         timeout: float,
@@ -110,7 +108,7 @@ class DistributedExecutor:
             self.last_events = merge(ev or [] for ev in gathered)
         return float(loss)
 
-    def _wait(self, work: Any, what: str) -> None:
+    def _wait(self, work: dist.Work, what: str) -> None:
         start = time.perf_counter()
         try:
             work.wait(timedelta(seconds=self.timeout))

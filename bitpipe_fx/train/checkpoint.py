@@ -10,14 +10,34 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
+
+import torch
 
 from bitpipe_fx.errors import ConfigError
+from bitpipe_fx.runtime.state import PipelineState
 from bitpipe_fx.train.job import TrainConfig, resume_mismatch
 
 LATEST = "latest.json"
+
+
+class RankState(TypedDict):
+    """What one rank saves: its part of the pipeline state and its random-number state."""
+
+    pipe: PipelineState
+    rng: dict[str, torch.Tensor]
+
+
+class Latest(TypedDict):
+    """``latest.json``: the committed step, its folder, the run's config and its history."""
+
+    step: int
+    folder: str
+    config: dict[str, object]  # TrainConfig.to_dict()
+    history: dict[str, list]  # History.to_dict()
 
 
 @dataclass
@@ -32,11 +52,11 @@ class History:
     def step(self) -> int:
         return len(self.losses)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, list]:
         return {"losses": self.losses, "tokens_per_s": self.tokens_per_s, "val": [list(v) for v in self.val]}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> History:
+    def from_dict(cls, d: Mapping[str, list]) -> History:
         return cls(list(d["losses"]), list(d["tokens_per_s"]), [(int(s), float(v)) for s, v in d["val"]])
 
 
@@ -48,10 +68,8 @@ def rank_file(out: str | Path, step: int, rank: int) -> Path:
     return directory(out) / f"step-{step:06d}" / f"rank{rank}.pt"
 
 
-def save_rank(out: str | Path, step: int, rank: int, state: dict[str, Any]) -> None:
+def save_rank(out: str | Path, step: int, rank: int, state: RankState) -> None:
     """Write one rank's state for ``step`` (call on every rank, then ``commit`` on rank 0 after a barrier)."""
-    import torch
-
     path = rank_file(out, step, rank)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -62,7 +80,7 @@ def save_rank(out: str | Path, step: int, rank: int, state: dict[str, Any]) -> N
 def commit(out: str | Path, step: int, cfg: TrainConfig, history: History) -> None:
     """Point ``latest.json`` at ``step`` (atomically) and delete older step folders."""
     root = directory(out)
-    meta = {"step": step, "folder": f"step-{step:06d}", "config": cfg.to_dict(), "history": history.to_dict()}
+    meta = Latest(step=step, folder=f"step-{step:06d}", config=cfg.to_dict(), history=history.to_dict())
     tmp = root / (LATEST + ".tmp")
     tmp.write_text(json.dumps(meta, indent=1))
     os.replace(tmp, root / LATEST)
@@ -71,7 +89,7 @@ def commit(out: str | Path, step: int, cfg: TrainConfig, history: History) -> No
             shutil.rmtree(old, ignore_errors=True)
 
 
-def read_latest(out: str | Path) -> dict[str, Any] | None:
+def read_latest(out: str | Path) -> Latest | None:
     """The committed checkpoint's metadata, or None when there is none."""
     path = directory(out) / LATEST
     if not path.is_file():
@@ -104,8 +122,6 @@ def check_resume(cfg: TrainConfig) -> tuple[int, History]:
     return step, History.from_dict(meta["history"])
 
 
-def load_rank(out: str | Path, step: int, rank: int, device: Any = "cpu") -> dict[str, Any]:
+def load_rank(out: str | Path, step: int, rank: int, device: torch.device | str = "cpu") -> RankState:
     """One rank's saved state."""
-    import torch
-
     return torch.load(rank_file(out, step, rank), map_location=device, weights_only=False)
