@@ -12,11 +12,8 @@ micro-batches, as if one model had trained on the concatenated batch.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
-from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -27,15 +24,23 @@ from bitpipe_fx.compiler import build_plan, split_from_plan
 from bitpipe_fx.errors import ConfigError
 from bitpipe_fx.export import mode_values
 from bitpipe_fx.matching import compile_settings
-from bitpipe_fx.passes.stages import SplitModel
+from bitpipe_fx.passes.capture import tied_names
+from bitpipe_fx.passes.stages import Inputs, LossFn, SplitModel, Targets
 from bitpipe_fx.plan import Plan
 from bitpipe_fx.runtime import dcp as checkpoint_dcp
 from bitpipe_fx.runtime.batch import BatchSplitter, as_call
 from bitpipe_fx.runtime.distributed import DistributedExecutor
+from bitpipe_fx.runtime.group import check_world, join_from_env
 from bitpipe_fx.runtime.local import LocalExecutor
 from bitpipe_fx.runtime.predict import assemble
 from bitpipe_fx.runtime.specs import trace_boundaries
-from bitpipe_fx.runtime.state import load_model_state, load_optimizer_state, model_state, optimizer_state
+from bitpipe_fx.runtime.state import (
+    PipelineState,
+    load_model_state,
+    load_optimizer_state,
+    model_state,
+    optimizer_state,
+)
 from bitpipe_fx.runtime.timeline import write_timeline
 from bitpipe_fx.schedules.ir import Program
 from bitpipe_fx.schedules.validate import validate
@@ -45,23 +50,9 @@ OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 DEFAULT_TIMEOUT = 45.0
 
 
-def _distributed() -> bool:
-    """True when torch.distributed runs more than one process (initialising it from torchrun's env)."""
-    if not dist.is_available():
-        return False
-    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1 and "MASTER_ADDR" in os.environ:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(seconds=DEFAULT_TIMEOUT * 2))
-    return dist.is_initialized() and dist.get_world_size() > 1
-
-
 def _state_names(model: nn.Module) -> tuple[list[str], dict[str, str]]:
     """The model's state_dict keys in order, and key -> canonical FQN (first name of a tied tensor)."""
-    first: dict[int, str] = {}
-    canonical: dict[str, str] = {}
-    for named in (model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False)):
-        for name, t in named:
-            canonical[name] = first.setdefault(id(t), name)
+    canonical, _ = tied_names(model)
     keys = list(model.state_dict().keys())
     return keys, {k: canonical.get(k, k) for k in keys}
 
@@ -77,12 +68,12 @@ class CompiledPipeline:
         self,
         split: SplitModel,
         program: Program,
-        loss_fn: Callable[[Any, Any], torch.Tensor],
-        example_inputs: Any,
+        loss_fn: LossFn,
+        example_inputs: Inputs,
         *,
         optimizer: OptimizerFactory | None = None,
         data_parallel: int = 1,
-        plan: Any = None,
+        plan: Plan | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         trace_path: str | Path | None = None,
         lookahead: int = 4,
@@ -109,7 +100,7 @@ class CompiledPipeline:
         specs = trace_boundaries(split, split.flatten_inputs(args, kwargs))
         self._splitter = BatchSplitter(split.input_names, split.flatten_inputs, specs.model_inputs,
                                        program.microbatches)
-        self.distributed = _distributed()
+        self.distributed = join_from_env(DEFAULT_TIMEOUT * 2)
         self.executor: LocalExecutor | DistributedExecutor
         if self.distributed:
             self.executor = DistributedExecutor(program, split, loss_fn, specs, data_parallel, timeout, lookahead)
@@ -126,7 +117,7 @@ class CompiledPipeline:
 
     # ---- steps ----------------------------------------------------------------------------------
 
-    def forward_backward(self, inputs: Any, targets: Any, record: bool = False) -> float:
+    def forward_backward(self, inputs: Inputs, targets: Targets, record: bool = False) -> float:
         """Gradients of the mean micro-batch loss, summed over replicas (see ``gradients()``); returns the loss."""
         batch = self._splitter.split(inputs, targets)
         for r in self.executor.replicas:
@@ -135,7 +126,7 @@ class CompiledPipeline:
         self._after(record)
         return loss
 
-    def step(self, inputs: Any, targets: Any, record: bool = False) -> float:
+    def step(self, inputs: Inputs, targets: Targets, record: bool = False) -> float:
         """One synchronous training step: forward_backward, optimizer step, zero grads; returns the mean loss."""
         if self.optimizer is None:
             raise ConfigError("step() needs an optimizer: compile(..., optimizer=lambda params: ...); "
@@ -146,11 +137,11 @@ class CompiledPipeline:
             r.zero_grad()
         return loss
 
-    def evaluate(self, inputs: Any, targets: Any) -> float:
+    def evaluate(self, inputs: Inputs, targets: Targets) -> float:
         """Forward-only mean loss over the batch (no gradients; the current train/eval mode applies)."""
         return self.executor.run(self._splitter.split(inputs, targets), train=False, record=False)
 
-    def predict(self, inputs: Any) -> Any:
+    def predict(self, inputs: Inputs) -> object:
         """Forward only over the batch's micro-batches, stage modules in eval mode (dropout off); returns the
         model's outputs for the whole batch as the unpipelined model would (see runtime.predict), on every rank
         of the pipeline. The weights are those of the pipeline's mode (Schedule-Free: pipe.eval() for x)."""
@@ -210,14 +201,14 @@ class CompiledPipeline:
         """This process's gradients by FQN, summed over replicas and tied uses (clones)."""
         return {n: p.grad.detach().clone() for n, p in self._first_copies().items() if p.grad is not None}
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> PipelineState:
         """This process's part: {"model": {fqn: tensor}, "optimizer": state by FQN (if any)}."""
-        out: dict[str, Any] = {"model": model_state(self.executor.replicas)}
+        out = PipelineState(model=model_state(self.executor.replicas))
         if self.optimizer is not None:
             out["optimizer"] = optimizer_state(self.optimizer, self.executor.replicas)
         return out
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: PipelineState) -> None:
         """Load what ``state_dict()`` returned (a full_state_dict()["model"] also works for the model)."""
         if "model" not in state:
             raise ConfigError(f"state dict has keys {sorted(state)[:5]}; expected 'model' (and 'optimizer')")
@@ -226,12 +217,12 @@ class CompiledPipeline:
         if self.optimizer is not None and "optimizer" in state:
             load_optimizer_state(self.optimizer, self.executor.replicas, state["optimizer"])
 
-    def save_checkpoint(self, path: str | Path, extra: Mapping[str, Any] | None = None) -> None:
+    def save_checkpoint(self, path: str | Path, extra: Mapping[str, object] | None = None) -> None:
         """Model and optimizer state by original names as a torch.distributed.checkpoint folder, every rank
         writing its stages in parallel (collective: call it on every rank); ``extra``: objects to keep with it."""
         checkpoint_dcp.save(path, self.executor.replicas, self.optimizer, extra or {})
 
-    def load_checkpoint(self, path: str | Path, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    def load_checkpoint(self, path: str | Path, extra: tuple[str, ...] = ()) -> dict[str, object]:
         """Load a ``save_checkpoint`` folder, whatever schedule, D or data-parallel size wrote it; returns the
         ``extra`` objects named (those present)."""
         return checkpoint_dcp.load(path, self.executor.replicas, self.optimizer, extra)
@@ -283,18 +274,18 @@ class CompiledPipeline:
 
 def compile(
     model: nn.Module,
-    example_inputs: Any,
-    loss_fn: Callable[[Any, Any], torch.Tensor],
+    example_inputs: Inputs,
+    loss_fn: LossFn,
     schedule: str | None = None,
     devices: int | None = None,
     microbatches: int | None = None,
     optimizer: OptimizerFactory | None = None,
     data_parallel: int = 1,
-    plan: Any = None,
+    plan: Plan | str | Path | None = None,
     *,
     timeout: float = DEFAULT_TIMEOUT,
     trace_path: str | Path | None = None,
-    **schedule_options: Any,
+    **schedule_options: object,
 ) -> CompiledPipeline:
     """Capture, partition, split and schedule ``model``; returns a pipeline that trains it.
 
@@ -307,13 +298,10 @@ def compile(
     if isinstance(plan, (str, Path)):
         plan = Plan.load(plan)
     spec, devices, microbatches = compile_settings(plan, schedule, devices, microbatches, schedule_options)
-    distributed = _distributed()
-    if distributed and dist.get_world_size() != devices * data_parallel and plan is None:
-        raise ConfigError(
-            f"torch.distributed has world size {dist.get_world_size()} but devices x data_parallel = "
-            f"{devices} x {data_parallel} = {devices * data_parallel}; launch that many processes or change them"
-        )
+    distributed = join_from_env(DEFAULT_TIMEOUT * 2)
     if plan is None:
+        if distributed:  # before planning, so that a wrong world fails before the model is captured
+            check_world(devices, data_parallel)
         plan, split = build_plan(model, example_inputs, spec.name, devices, microbatches, **spec.kwargs())
     else:
         split = split_from_plan(model, example_inputs, plan)
@@ -325,7 +313,7 @@ def compile(
     )
 
 
-def _agree_on_plan(plan: Any, split: SplitModel, model: nn.Module, example_inputs: Any) -> tuple[Any, SplitModel]:
+def _agree_on_plan(plan: Plan, split: SplitModel, model: nn.Module, example_inputs: Inputs) -> tuple[Plan, SplitModel]:
     """Every rank uses rank 0's plan (a measured cost model could differ between ranks)."""
     box = [plan.to_json() if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
 
 from bitpipe_fx.errors import ConfigError
+from bitpipe_fx.passes.stages import Inputs, Targets
 from bitpipe_fx.runtime.specs import TensorSpec
 
 
-def as_call(inputs: Any) -> tuple[tuple, dict]:
+def as_call(inputs: Inputs) -> tuple[tuple, dict]:
     """(args, kwargs) of a model call from a tensor, a tuple/list of positional inputs, or a dict of kwargs."""
     if isinstance(inputs, torch.Tensor):
         return (inputs,), {}
@@ -37,7 +37,7 @@ class MicroBatch:
     """One micro-batch: flat model inputs by name, and its slice of the targets."""
 
     inputs: dict[str, torch.Tensor]
-    target: Any
+    target: Targets
 
 
 class BatchSplitter:
@@ -61,7 +61,7 @@ class BatchSplitter:
         first = self.traced[self.input_names[0]]
         return first.shape[0] if first.shape else 1
 
-    def split(self, inputs: Any, targets: Any) -> list[MicroBatch]:
+    def split(self, inputs: Inputs, targets: Targets) -> list[MicroBatch]:
         """N micro-batches; ConfigError naming the input and the fix when the batch does not fit."""
         args, kwargs = as_call(inputs)
         try:
@@ -106,7 +106,7 @@ class BatchSplitter:
                 f"micro-batches shaped like example_inputs, or compile again with example inputs of this shape"
             )
 
-    def _split_targets(self, targets: Any, batch_rows: int) -> list[Any]:
+    def _split_targets(self, targets: Targets, batch_rows: int) -> list[Targets]:
         leaves, spec = pytree.tree_flatten(targets)
         parts = []
         for i, leaf in enumerate(leaves):

@@ -12,13 +12,12 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
 from bitpipe_fx.errors import PipelineRuntimeError
-from bitpipe_fx.passes.stages import SplitModel, StageSpec
+from bitpipe_fx.passes.stages import LossFn, SplitModel, StageSpec, Targets
 from bitpipe_fx.runtime import splitbw
 from bitpipe_fx.schedules.ir import Placement
 
@@ -79,8 +78,8 @@ class Chunk:
         replica: StageReplica,
         spec: StageSpec,
         last: bool,
-        loss_fn: Callable[[Any, Any], torch.Tensor],
-        unflatten_output: Callable[[Sequence[torch.Tensor]], Any],
+        loss_fn: LossFn,
+        unflatten_output: Callable[[Sequence[torch.Tensor]], object],
     ) -> None:
         self.pipe, self.stage, self.replica, self.spec, self.last = pipe, stage, replica, spec, last
         self.loss_fn, self.unflatten_output = loss_fn, unflatten_output
@@ -89,7 +88,7 @@ class Chunk:
     # ---- forward --------------------------------------------------------------------------------
 
     def forward(
-        self, m: int, model_inputs: Sequence[torch.Tensor], received: Sequence[torch.Tensor], target: Any,
+        self, m: int, model_inputs: Sequence[torch.Tensor], received: Sequence[torch.Tensor], target: Targets,
         scale: float, train: bool,
     ) -> tuple[torch.Tensor, ...] | torch.Tensor:
         """Run the stage on micro-batch m; returns its outputs, or the scaled loss on the last stage."""
@@ -121,7 +120,7 @@ class Chunk:
         out = self.replica.module(*model_inputs, *received)
         return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
-    def _loss(self, out: tuple, target: Any, scale: float) -> torch.Tensor:
+    def _loss(self, out: tuple, target: Targets, scale: float) -> torch.Tensor:
         loss = self.loss_fn(self.unflatten_output(out), target)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise PipelineRuntimeError(
@@ -174,7 +173,7 @@ class Chunk:
 
 
 def build_device(
-    split: SplitModel, placement: Placement, device: int, loss_fn: Callable[[Any, Any], torch.Tensor]
+    split: SplitModel, placement: Placement, device: int, loss_fn: LossFn
 ) -> tuple[dict[int, StageReplica], dict[tuple[int, int], Chunk]]:
     """Private copies of the stages ``device`` holds (one per stage) and its chunks over them."""
     replicas: dict[int, StageReplica] = {}

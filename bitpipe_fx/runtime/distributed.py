@@ -9,18 +9,17 @@ reduces the loss over the world so every rank returns the same value.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from bitpipe_fx.errors import ConfigError, PipelineRuntimeError
-from bitpipe_fx.passes.stages import SplitModel
+from bitpipe_fx.errors import PipelineRuntimeError
+from bitpipe_fx.passes.stages import LossFn, SplitModel
 from bitpipe_fx.runtime.batch import MicroBatch
 from bitpipe_fx.runtime.chunk import StageReplica, build_device
 from bitpipe_fx.runtime.gradsync import GradSync
+from bitpipe_fx.runtime.group import check_world
 from bitpipe_fx.runtime.interpreter import DeviceInterpreter, forward_only
 from bitpipe_fx.runtime.p2p import P2P
 from bitpipe_fx.runtime.predict import PredictInterpreter, share
@@ -28,18 +27,6 @@ from bitpipe_fx.runtime.specs import BoundarySpecs, TensorSpec
 from bitpipe_fx.runtime.timeline import Recorder, merge
 from bitpipe_fx.schedules.ir import Program
 from bitpipe_fx.sim.trace import TraceEvent
-
-
-def check_world(devices: int, data_parallel: int) -> tuple[int, int]:
-    """(rank, world size), or ConfigError when the world is not devices x data_parallel processes."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if world != devices * data_parallel:
-        raise ConfigError(
-            f"torch.distributed has world size {world} but the pipeline needs devices x data_parallel = "
-            f"{devices} x {data_parallel} = {devices * data_parallel} processes; launch that many "
-            f"(torchrun --nproc-per-node {devices * data_parallel}) or change devices/data_parallel"
-        )
-    return rank, world
 
 
 def broadcast_stages(split: SplitModel) -> None:
@@ -66,7 +53,7 @@ class DistributedExecutor:
         self,
         program: Program,
         split: SplitModel,
-        loss_fn: Callable[[Any, Any], torch.Tensor],
+        loss_fn: LossFn,
         specs: BoundarySpecs,
         data_parallel: int,
         timeout: float,
@@ -134,7 +121,7 @@ class DistributedExecutor:
         self._p2p[False].finish()
         return share(self._predict.outputs, self.dp_index, self.world)
 
-    def _wait(self, work: Any, what: str) -> None:
+    def _wait(self, work: dist.Work, what: str) -> None:
         start = time.perf_counter()
         try:
             work.wait(timedelta(seconds=self.timeout))

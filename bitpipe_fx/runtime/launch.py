@@ -22,13 +22,14 @@ import traceback
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from multiprocessing.process import BaseProcess
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from bitpipe_fx.errors import ConfigError, PipelineRuntimeError
+from bitpipe_fx.runtime.group import init_group
 
 
 class LaunchError(PipelineRuntimeError):
@@ -40,7 +41,7 @@ class LaunchError(PipelineRuntimeError):
         self.first_rank, self.tracebacks, self.errors, self.exitcodes = first_rank, tracebacks, errors, exitcodes
 
 
-def _worker(fn: Callable[..., Any], rank: int, nprocs: int, backend: str, port: int, args: tuple,
+def _worker(fn: Callable[..., object], rank: int, nprocs: int, backend: str, port: int, args: tuple,
             timeout: float, threads: int, conn: Connection) -> None:
     """Child body: join the group, run ``fn(*args)``, report ("ok", pickled result) or ("error", ...)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(nprocs),
@@ -48,8 +49,7 @@ def _worker(fn: Callable[..., Any], rank: int, nprocs: int, backend: str, port: 
     torch.set_num_threads(threads)
     try:
         store = dist.TCPStore("127.0.0.1", port, nprocs, is_master=False, timeout=timedelta(seconds=timeout))
-        dist.init_process_group(backend, store=store, rank=rank, world_size=nprocs,
-                                timeout=timedelta(seconds=timeout))
+        init_group(backend, timeout, store, rank, nprocs)
         result = fn(*args)
         payload = pickle.dumps(result)
     except BaseException as exc:  # report anything, including SystemExit from a script
@@ -66,15 +66,15 @@ def _worker(fn: Callable[..., Any], rank: int, nprocs: int, backend: str, port: 
 
 
 def launch(
-    fn: Callable[..., Any],
+    fn: Callable[..., object],
     nprocs: int,
     backend: str = "gloo",
-    args: Sequence[Any] = (),
+    args: Sequence[object] = (),
     timeout: float = 60.0,
     threads: int = 1,
     grace: float | None = None,
     join_timeout: float | None = None,
-) -> list[Any]:
+) -> list[object]:
     """Run ``fn(*args)`` on ranks 0..nprocs-1 (``dist`` initialised); returns the results by rank.
 
     ``fn`` must be importable (a module-level function). ``timeout`` is the process-group timeout;
@@ -103,8 +103,9 @@ def launch(
         del store
 
 
-def _watch(procs: list, readers: dict[int, Connection], grace: float, join_timeout: float | None) -> list[Any]:
-    results: dict[int, Any] = {}
+def _watch(procs: list[BaseProcess], readers: dict[int, Connection], grace: float,
+           join_timeout: float | None) -> list[object]:
+    results: dict[int, object] = {}
     tracebacks: dict[int, str] = {}
     errors: dict[int, str] = {}
     order: list[int] = []  # failing ranks, first failure first
@@ -158,7 +159,7 @@ def _watch(procs: list, readers: dict[int, Connection], grace: float, join_timeo
     return [results[r] for r in range(len(procs))]
 
 
-def _kill(proc: Any) -> None:
+def _kill(proc: BaseProcess) -> None:
     if proc.is_alive():
         proc.terminate()
         proc.join(timeout=3)

@@ -8,13 +8,11 @@ the distributed executor's all-reduces compute, so both give the same numbers.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from typing import Any
 
 import torch
 
 from bitpipe_fx.errors import ConfigError, PipelineRuntimeError
-from bitpipe_fx.passes.stages import SplitModel
+from bitpipe_fx.passes.stages import LossFn, SplitModel
 from bitpipe_fx.runtime.batch import MicroBatch
 from bitpipe_fx.runtime.chunk import StageReplica, build_device
 from bitpipe_fx.runtime.interpreter import DeviceInterpreter, forward_only
@@ -54,7 +52,7 @@ class LocalExecutor:
         self,
         program: Program,
         split: SplitModel,
-        loss_fn: Callable[[Any, Any], torch.Tensor],
+        loss_fn: LossFn,
         specs: BoundarySpecs,
         data_parallel: int = 1,
     ) -> None:

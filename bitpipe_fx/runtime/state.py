@@ -10,12 +10,26 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TypedDict
 
 import torch
 
 from bitpipe_fx.errors import ConfigError
 from bitpipe_fx.runtime.chunk import StageReplica
+
+
+class OptimizerState(TypedDict):
+    """``torch.optim.Optimizer.state_dict()`` with parameters named by FQN instead of by position."""
+
+    state: dict[str, dict[str, object]]  # FQN -> the optimizer's per-parameter state (tensors, step counts)
+    param_groups: list[dict[str, object]]  # hyper-parameters per group; "params" lists the group's FQNs
+
+
+class PipelineState(TypedDict, total=False):
+    """One process's part of a pipeline's state: tensors by FQN, and the optimizer's state when it has one."""
+
+    model: dict[str, torch.Tensor]
+    optimizer: OptimizerState
 
 
 def model_state(replicas: Iterable[StageReplica]) -> dict[str, torch.Tensor]:
@@ -45,23 +59,23 @@ def _param_names(replicas: Iterable[StageReplica]) -> dict[int, str]:
     return {id(p): name for r in replicas for name, p in r.params.items()}
 
 
-def optimizer_state(optimizer: torch.optim.Optimizer, replicas: Iterable[StageReplica]) -> dict[str, Any]:
+def optimizer_state(optimizer: torch.optim.Optimizer, replicas: Iterable[StageReplica]) -> OptimizerState:
     """``optimizer.state_dict()`` with parameters named by FQN (deep copy)."""
     names = _param_names(replicas)
     sd = optimizer.state_dict()
     order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
-    state: dict[str, Any] = {}
+    state: dict[str, dict[str, object]] = {}
     for index, value in sd["state"].items():
         state.setdefault(order[index], value)
     groups = []
     for g in sd["param_groups"]:
         fqns = list(dict.fromkeys(order[i] for i in g["params"]))
         groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": fqns})
-    return copy.deepcopy({"state": state, "param_groups": groups})
+    return copy.deepcopy(OptimizerState(state=state, param_groups=groups))
 
 
 def load_optimizer_state(
-    optimizer: torch.optim.Optimizer, replicas: Iterable[StageReplica], saved: Mapping[str, Any]
+    optimizer: torch.optim.Optimizer, replicas: Iterable[StageReplica], saved: OptimizerState
 ) -> None:
     """Inverse of ``optimizer_state``: every local copy of an FQN gets its own copy of the saved state."""
     names = _param_names(replicas)
@@ -70,7 +84,7 @@ def load_optimizer_state(
             f"saved optimizer state has {len(saved['param_groups'])} parameter groups, the optimizer has "
             f"{len(optimizer.param_groups)}; build the optimizer with the same factory as the saved run"
         )
-    state: dict[int, Any] = {}
+    state: dict[int, dict[str, object]] = {}
     groups = []
     index = 0
     for live, old in zip(optimizer.param_groups, saved["param_groups"]):

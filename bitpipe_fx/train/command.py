@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import sys
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -207,10 +206,11 @@ def run(cfg: TrainConfig, command: str = "train") -> int:
 def _torchrun(cfg: TrainConfig, backend: str, plan_path: str | None, start: int, history: Any) -> Any:
     import torch.distributed as dist
 
+    from bitpipe_fx.runtime.group import init_group
     from bitpipe_fx.train.trainer import device_for, worker
 
     device_for(backend, cfg.cpu)
-    dist.init_process_group(backend, timeout=timedelta(seconds=cfg.timeout))
+    init_group(backend, cfg.timeout)
     try:
         result = worker(cfg, plan_path, start, history)
         dist.barrier()  # nobody tears down connections a peer is still reading from

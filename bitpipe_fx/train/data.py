@@ -19,11 +19,13 @@ import sysconfig
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from bitpipe_fx.errors import ConfigError
+
+Rows = torch.Tensor | tuple[torch.Tensor, ...]  # one tensor, or a tuple of tensors with the same rows
+Batch = tuple[Rows, torch.Tensor]  # (inputs: tokens, or (masked tokens, attention mask) for mlm; targets)
 
 VOCAB = 256
 MASK = 0  # the [MASK] token of masked-LM batches; corpora never contain byte 0
@@ -151,7 +153,7 @@ class Batches:
     def _windows(self, data: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         return data[offsets[:, None] + torch.arange(self.seq + 1)].long()
 
-    def _make(self, windows: torch.Tensor, gen: torch.Generator) -> tuple[Any, torch.Tensor]:
+    def _make(self, windows: torch.Tensor, gen: torch.Generator) -> Batch:
         if self.task == "lm":
             return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
         tokens = windows[:, :-1]
@@ -161,13 +163,13 @@ class Batches:
         targets = torch.where(masked, tokens, torch.full_like(tokens, -100))
         return (inputs.contiguous(), torch.ones_like(tokens)), targets.contiguous()
 
-    def train(self, step: int) -> tuple[Any, torch.Tensor]:
+    def train(self, step: int) -> Batch:
         """Batch of training step ``step`` (random windows of the train split; a pure function of seed and step)."""
         gen = self._generator(step, 0)
         offsets = torch.randint(0, len(self.corpus.train) - self.seq - 1, (self.rows,), generator=gen)
         return self._make(self._windows(self.corpus.train, offsets), gen)
 
-    def validation(self, count: int) -> list[tuple[Any, torch.Tensor]]:
+    def validation(self, count: int) -> list[Batch]:
         """``count`` fixed batches spread evenly over the validation split (the same for every evaluation)."""
         last = len(self.corpus.val) - self.seq - 1
         offsets = torch.linspace(0, last, count * self.rows).long()
@@ -175,7 +177,7 @@ class Batches:
         return [self._make(self._windows(self.corpus.val, chunk), gen) for chunk in offsets.split(self.rows)]
 
 
-def to_device(batch: Any, device: torch.device | str) -> Any:
+def to_device(batch: Rows, device: torch.device | str) -> Rows:
     """A batch (tensors, or tuples of them) moved to ``device``."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device)

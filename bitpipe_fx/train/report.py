@@ -9,11 +9,13 @@ the step, the simulator's ``bubble_ratio``) does not depend on that scale.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
+from bitpipe_fx.plan import Plan
+from bitpipe_fx.sim.engine import simulate
+from bitpipe_fx.sim.plot import gantt_compare
 from bitpipe_fx.sim.trace import TraceEvent, write_chrome_trace
 
 COMPUTE = ("F", "B", "I", "W")
@@ -53,11 +55,9 @@ class TimelineReport:
                 f"{100 * self.predicted_bubble:.1f}%")
 
 
-def compare_timelines(plan: Any, measured: Sequence[TraceEvent], step: int) -> TimelineReport:
+def compare_timelines(plan: Plan, measured: Sequence[TraceEvent], step: int) -> TimelineReport:
     """Simulate ``plan`` with its cost model and scale the prediction to the measured compute time of the
     first pipeline (ranks 0..D-1)."""
-    from bitpipe_fx.sim import simulate
-
     devices = plan.program.devices
     report = simulate(plan.program, plan.cost_model())
     measured = [e for e in measured if e.device < devices]  # ranks >= D are further data-parallel pipelines
@@ -71,10 +71,8 @@ def compare_timelines(plan: Any, measured: Sequence[TraceEvent], step: int) -> T
     return TimelineReport(step, measured, predicted, m_span, m_bubble, report.makespan * scale, report.bubble_ratio)
 
 
-def write_timeline_files(out: Path, report: TimelineReport, meta: dict[str, Any]) -> list[Path]:
+def write_timeline_files(out: Path, report: TimelineReport, meta: Mapping[str, object]) -> list[Path]:
     """timeline.json (measured, Chrome trace), timeline_predicted.json and timeline.png (both, one time axis)."""
-    from bitpipe_fx.sim.plot import gantt_compare
-
     measured = write_chrome_trace(out / "timeline.json", report.measured, unit_us=1e6,
                                   metadata={**meta, "measured": True, "step": report.step,
                                             "bubble": report.measured_bubble})
@@ -90,7 +88,7 @@ def write_timeline_files(out: Path, report: TimelineReport, meta: dict[str, Any]
 
 def plot_losses(path: Path, losses: Sequence[float], val: Sequence[tuple[int, float]], title: str) -> Path:
     """Training loss per step and validation loss at its steps, as a PNG."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # optional dependency (the plots extra), imported only to draw
 
     fig = Figure(figsize=(7.0, 3.6), dpi=100)
     ax = fig.subplots()

@@ -12,19 +12,21 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
+import bitpipe_fx as bp
 from bitpipe_fx.sim.trace import TraceEvent
 from bitpipe_fx.train import checkpoint
 from bitpipe_fx.train.checkpoint import History
-from bitpipe_fx.train.data import Batches, load_corpus, to_device
+from bitpipe_fx.train.data import Batches, Rows, load_corpus, to_device
 from bitpipe_fx.train.job import TrainConfig, build_model, loss_fn, optimizer_factory
 
 
@@ -63,8 +65,6 @@ class Progress:
         self.bar = None
         self.t0, self.start = time.perf_counter(), start
         if self.tty:
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
                             mininterval=0.25)
         self.last = ""
@@ -102,7 +102,7 @@ def _rank() -> tuple[int, int, str | None]:
     return 0, 1, None
 
 
-def _slice(batch: Any, index: int, parts: int) -> Any:
+def _slice(batch: Rows, index: int, parts: int) -> Rows:
     """This data-parallel rank's rows of a global batch."""
     if isinstance(batch, torch.Tensor):
         return batch.tensor_split(parts)[index]
@@ -112,10 +112,6 @@ def _slice(batch: Any, index: int, parts: int) -> Any:
 def _thread_lock_for_tqdm() -> None:
     """Give tqdm (also used inside torch.fx) a thread lock: its default multiprocessing lock is a semaphore
     that leaks, with a warning at exit, when the launcher ends a rank with os._exit."""
-    import threading
-
-    from tqdm import tqdm
-
     tqdm.set_lock(threading.RLock())
 
 
@@ -153,8 +149,6 @@ def _barrier() -> None:
 
 def worker(cfg: TrainConfig, plan_path: str | None, start: int, history: History) -> RankResult | None:
     """Train ``cfg`` from step ``start`` (loading its checkpoint when > 0); rank 0 returns the result."""
-    import bitpipe_fx as bp
-
     _thread_lock_for_tqdm()
     torch.set_num_threads(cfg.threads)
     rank, _, backend = _rank()
@@ -179,7 +173,7 @@ def worker(cfg: TrainConfig, plan_path: str | None, start: int, history: History
             _set_rng_state(extra[checkpoint.rng_key(rank)], device)
     dp_index = rank // cfg.devices if pipe.distributed else 0
 
-    def batch(data: Any) -> Any:
+    def batch(data: Rows) -> Rows:
         return to_device(_slice(data, dp_index, cfg.data_parallel), device)
 
     val_batches = [(batch(x), batch(y)) for x, y in batches.validation(cfg.eval_batches)]
