@@ -202,3 +202,10 @@ def test_warnings_of_other_ranks_carry_their_rank(monkeypatch):
     assert warnings.formatwarning("slow", UserWarning, "f.py", 3) == plain
     tag_warnings(2)
     assert warnings.formatwarning("slow", UserWarning, "f.py", 3) == f"[rank 2] {plain}"
+
+
+def test_under_torchrun_the_error_line_of_another_rank_names_it(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    monkeypatch.setenv("RANK", "1")
+    assert cli.main(["train", "--schedule", "zigzag", "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.startswith("bitpipe-fx train [rank 1]: error: unknown schedule 'zigzag'; ")
