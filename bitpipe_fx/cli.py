@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "partition": ("bitpipe_fx.passes.command", "compute a model's plan for a schedule and save it as JSON"),
     "train": ("bitpipe_fx.train", "train a model with a pipeline schedule on local processes or under torchrun"),
     "demo": ("bitpipe_fx.train", "a few-minute pipelined training run on local CPU processes, with its pictures"),
+    "export": ("bitpipe_fx.train.export_command", "write a run's trained weights: safetensors or a HF folder"),
+    "sample": ("bitpipe_fx.train.sample", "generate text from a byte-level LM run's checkpoint"),
 }
 EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 

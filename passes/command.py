@@ -37,7 +37,7 @@ def add_parser(subparsers: Any, name: str, help: str) -> argparse.ArgumentParser
 
 def run(args: argparse.Namespace) -> int:
     """Build the plan of the factory's model for the schedule spec; print it, and save it with --out."""
-    from bitpipe_fx.plan import build_plan
+    from bitpipe_fx.compiler import build_plan
 
     spec = parse_spec(args.schedule)  # before the model is built: a typo costs nothing
     kwargs = parse_kwargs(args.arg)

@@ -69,6 +69,8 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> 
     p.add_argument("--out", default=d.out, help="output folder (a folder holding a run needs --resume or --overwrite)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out (its checkpoints are deleted)")
+    p.add_argument("--resume-from", type=int, default=None, metavar="STEP",
+                   help="continue from the checkpoint of step STEP in --out (implies --resume)")
     p.add_argument("--eval-every", type=int, default=None, help="validate every K steps (default: steps/10)")
     p.add_argument("--eval-batches", type=int, default=d.eval_batches, help="validation batches")
     p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every K steps")
@@ -97,8 +99,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         microbatches=args.microbatches, data_parallel=args.data_parallel, steps=args.steps,
         batch_size=args.batch_size, seq_len=args.seq_len, optimizer=args.optimizer, lr=args.lr, warmup=args.warmup,
         weight_decay=args.weight_decay, dtype=args.dtype, seed=args.seed, data=args.data, max_bytes=args.max_bytes,
-        out=args.out, resume=args.resume, overwrite=args.overwrite, eval_every=args.eval_every,
-        eval_batches=args.eval_batches,
+        out=args.out, resume=args.resume or args.resume_from is not None, resume_from=args.resume_from,
+        overwrite=args.overwrite, eval_every=args.eval_every, eval_batches=args.eval_batches,
         save_every=args.save_every, record_step=args.record_step, compare_steps=args.compare_steps,
         local=args.local, cpu=args.cpu, threads=args.threads, timeout=args.timeout,
     )
@@ -180,7 +182,7 @@ def run(cfg: TrainConfig, command: str = "train") -> int:
     say(_header(cfg, command, model, corpus, torchrun, backend, start), flush=True)
     plan_path = None
     if not torchrun:
-        from bitpipe_fx.plan import build_plan
+        from bitpipe_fx.compiler import build_plan
 
         plan, _ = build_plan(model, example, cfg.schedule, cfg.devices, cfg.microbatches, **dict(cfg.schedule_options))
         plan_path = str(Path(cfg.out) / "plan.json")

@@ -21,10 +21,11 @@ DEFAULT_LR = {"sf-adamw": 3e-3, "sf-sgd": 0.5, "adamw-rex": 3e-3}
 DTYPES = ("float32", "float64", "bfloat16")
 DEFAULT_SEQ, DEFAULT_BATCH = 64, 16
 
-# fields a resumed run must share with the checkpoint's run (everything that changes the numbers)
+# fields a resumed run must share with the checkpoint's run (everything that changes the numbers; the schedule,
+# D and data-parallel size may change: checkpoints are by original names)
 RESUME_FIELDS = (
-    "model", "model_args", "task", "schedule", "schedule_options", "devices", "microbatches", "data_parallel",
-    "batch_size", "seq_len", "optimizer", "lr", "warmup", "weight_decay", "dtype", "seed", "data", "max_bytes",
+    "model", "model_args", "task", "microbatches", "batch_size", "seq_len", "optimizer", "lr", "warmup",
+    "weight_decay", "dtype", "seed", "data", "max_bytes",
 )
 
 
@@ -54,6 +55,7 @@ class TrainConfig:
     out: str = "runs/train"
     resume: bool = False
     overwrite: bool = False
+    resume_from: int | None = None
     eval_every: int | None = None
     eval_batches: int = 4
     save_every: int = 50
