@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $@
 
 demo: venv
-	$(VENV)/bin/bitpipe-fx demo
+	$(VENV)/bin/bitpipe-fx demo --overwrite   # a rerun replaces runs/demo (train refuses without it)
 
 simulate: venv
 	$(VENV)/bin/bitpipe-fx simulate --devices 8 --microbatches 16

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import traceback
 from typing import NoReturn
@@ -82,11 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if a != "--debug"]
     parser = build_parser(argv)
     args = parser.parse_args(argv)
-    where = f"bitpipe-fx {args.command}"
+    rank = os.environ.get("RANK", "0") if "TORCHELASTIC_RUN_ID" in os.environ else "0"
+    where = f"bitpipe-fx {args.command}" + (f" [rank {rank}]" if rank != "0" else "")  # torchrun: whose line
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print(f"\n{where}: interrupted (Ctrl-C); the last saved checkpoint is kept", file=sys.stderr)
+        gap = "\n" if sys.stderr.isatty() else ""  # past the ^C the terminal echoed
+        print(f"{gap}{where}: interrupted (Ctrl-C); what was already saved is kept", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as exc:
         if debug:

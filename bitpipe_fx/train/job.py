@@ -115,7 +115,7 @@ def check(cfg: TrainConfig) -> None:
         raise ConfigError(f"--weight-decay must be a number >= 0, got {cfg.weight_decay}")
     if cfg.record_step is not None and not 1 <= cfg.record_step <= cfg.steps:
         raise ConfigError(f"--record-step {cfg.record_step} is not a step of this run; pass a step in 1..{cfg.steps} "
-                          "(--steps) or leave it out (the third step is recorded)")
+                          "(--steps) or leave it out (the third step, or the last, is recorded)")
     if cfg.resume and cfg.overwrite:
         raise ConfigError("--resume continues the run in --out and --overwrite replaces it; pass one of them")
     if cfg.timeout <= 0:

@@ -13,7 +13,8 @@ from pathlib import Path
 from bitpipe_fx.errors import ConfigError
 
 # what `bitpipe-fx train` writes into --out (checkpoint/ is a folder)
-RUN_FILES = ("checkpoint", "plan.json", "metrics.json", "loss.png", "timeline.png", "timeline.json")
+RUN_FILES = ("checkpoint", "plan.json", "metrics.json", "loss.png", "timeline.png", "timeline.json",
+             "timeline_predicted.json")
 
 
 def run_files(out: str | Path) -> list[str]:
