@@ -114,6 +114,26 @@ def test_data_dependent_submodule_becomes_a_leaf_under_export():
         capture(model, (torch.randn(3, 4),), leaf_modules=["nope"])
 
 
+def test_recording_opaque_calls_leaves_buffers_and_rng_alone():
+    class Normed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.BatchNorm1d(4)
+            self.drop = nn.Dropout(0.5)
+            self.gate = Gate()
+
+        def forward(self, x):
+            return self.gate(self.drop(self.norm(x)))
+
+    model, x = Normed(), torch.randn(3, 4) + 5
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    captured = capture(model, (x,))
+    assert captured.opaque == ("gate",)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 class RootGate(nn.Module):
     """Data-dependent control flow in the model's own forward: no submodule to keep opaque."""
 
