@@ -132,13 +132,11 @@ class _Interceptor:
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
-        interceptor = self
-
         def apply(cls: type, *args: Any, **kwargs: Any) -> Any:
             original = _FUNCTION_APPLY.__get__(None, cls)
             if not is_custom(cls):
                 return original(*args, **kwargs)
-            return interceptor.handle(f"{cls.__module__}.{cls.__qualname__}", cls, original, args, kwargs)
+            return self.handle(f"{cls.__module__}.{cls.__qualname__}", cls, original, args, kwargs)
 
         def wrap(name: str, module: nn.Module) -> Callable[..., Any]:
             forward = module.forward
