@@ -15,8 +15,8 @@ from torch import nn
 import bitpipe_fx as bp
 from bitpipe_fx.examples.models import lm_batch, lm_loss
 from bitpipe_fx.passes import capture
-from bitpipe_fx.runtime.testing import max_rel_err, reference_grads
 from bitpipe_fx.schedules import SCHEDULES
+from tests.support.reference import max_rel_err, reference_grads
 
 MICROBATCHES = 4
 
