@@ -285,6 +285,7 @@ def compile(
     *,
     timeout: float = DEFAULT_TIMEOUT,
     trace_path: str | Path | None = None,
+    leaf_modules: tuple[str | type[nn.Module], ...] = (),
     **schedule_options: object,
 ) -> CompiledPipeline:
     """Capture, partition, split and schedule ``model``; returns a pipeline that trains it.
@@ -293,7 +294,7 @@ def compile(
     ``NAME[:key=value,...]`` (default bitpipe), D default 4, N default 8; ``plan``: a Plan, or a path to one
     saved by ``bitpipe-fx partition``, to reuse its partition and program (schedule, D and N then come from
     it; a different value given here is refused); ``timeout``: bound in seconds of every wait in a
-    distributed step.
+    distributed step; ``leaf_modules``: submodules (FQNs or classes) that run as one opaque call each.
     """
     if isinstance(plan, (str, Path)):
         plan = Plan.load(plan)
@@ -302,23 +303,25 @@ def compile(
     if plan is None:
         if distributed:  # before planning, so that a wrong world fails before the model is captured
             check_world(devices, data_parallel)
-        plan, split = build_plan(model, example_inputs, spec.name, devices, microbatches, **spec.kwargs())
+        plan, split = build_plan(model, example_inputs, spec.name, devices, microbatches, leaf_modules=leaf_modules,
+                                 **spec.kwargs())
     else:
-        split = split_from_plan(model, example_inputs, plan)
+        split = split_from_plan(model, example_inputs, plan, leaf_modules=leaf_modules)
     if distributed:
-        plan, split = _agree_on_plan(plan, split, model, example_inputs)
+        plan, split = _agree_on_plan(plan, split, model, example_inputs, leaf_modules)
     return CompiledPipeline(
         split, plan.program, loss_fn, example_inputs, optimizer=optimizer, data_parallel=data_parallel, plan=plan,
         timeout=timeout, trace_path=trace_path, state_names=_state_names(model), source=model,
     )
 
 
-def _agree_on_plan(plan: Plan, split: SplitModel, model: nn.Module, example_inputs: Inputs) -> tuple[Plan, SplitModel]:
+def _agree_on_plan(plan: Plan, split: SplitModel, model: nn.Module, example_inputs: Inputs,
+                   leaf_modules: tuple[str | type[nn.Module], ...]) -> tuple[Plan, SplitModel]:
     """Every rank uses rank 0's plan (a measured cost model could differ between ranks)."""
     box = [plan.to_json() if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)
     if box[0] == plan.to_json():
         return plan, split
     agreed = Plan.from_json(box[0])
-    return agreed, split_from_plan(model, example_inputs, agreed)
+    return agreed, split_from_plan(model, example_inputs, agreed, leaf_modules=leaf_modules)
 

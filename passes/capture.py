@@ -16,7 +16,8 @@ from bitpipe_fx.errors import ConfigError
 from bitpipe_fx.passes.export_capture import from_export
 from bitpipe_fx.passes.fx_capture import from_symbolic_trace
 from bitpipe_fx.passes.graph_form import TRAINING_FLAG, Captured, compute_nodes, tied_names
-from bitpipe_fx.passes.trace_errors import trace_error
+from bitpipe_fx.passes.opaque import leaf_instances
+from bitpipe_fx.passes.trace_errors import failing_module, is_data_dependent, trace_error
 
 __all__ = ["TRAINING_FLAG", "Captured", "capture", "compute_nodes", "normalize_inputs", "tied_names"]
 
@@ -39,8 +40,9 @@ def capture(
 ) -> Captured:
     """Capture ``model`` on one micro-batch: torch.export (strict=False), else torch.fx.symbolic_trace.
 
-    ``leaf_modules`` (FQNs or classes) are kept as opaque calls by the torch.fx fallback: the fix for a
-    submodule with data-dependent control flow. Raises TraceError when neither tracer succeeds.
+    ``leaf_modules`` (FQNs or classes) run as one opaque call each (passes/opaque.py), as do custom autograd
+    Functions; a submodule where torch.export meets data-dependent control flow is added to them by class and
+    the export retried. Raises TraceError, naming the module and the ``leaf_modules=`` fix, when both fail.
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"capture needs an nn.Module, got {type(model).__name__}")
@@ -49,19 +51,24 @@ def capture(
         raise ConfigError(f"leaf_modules names {missing}, which are not submodules of {type(model).__name__}")
     args = example_args if isinstance(example_args, tuple) else (example_args,)
     kwargs = dict(example_kwargs or {})
+    leaves = list(leaf_modules)
     was_training = model.training
     model.train()
     try:
         errors: list[tuple[str, BaseException]] = []
-        if not leaf_modules:
+        while True:
             try:
-                return from_export(model, args, kwargs, was_training)
+                return from_export(model, args, kwargs, was_training, leaf_instances(model, leaves))
             except Exception as exc:
-                errors.append(("torch.export.export(strict=False)", exc))
+                where = failing_module(model, exc) if is_data_dependent(exc) else None
+                if not where or type(model.get_submodule(where)) in leaves or where in leaves:
+                    errors.append(("torch.export.export(strict=False)", exc))
+                    break
+                leaves.append(type(model.get_submodule(where)))  # data-dependent code: keep that module opaque
         try:
-            return from_symbolic_trace(model, args, kwargs, was_training, leaf_modules)
+            return from_symbolic_trace(model, args, kwargs, was_training, leaves)
         except Exception as exc:
             errors.append(("torch.fx.symbolic_trace", exc))
-        raise trace_error(model, errors) from errors[-1][1]
+        raise trace_error(model, errors, leaves) from errors[-1][1]
     finally:
         model.train(was_training)

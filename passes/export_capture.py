@@ -6,6 +6,9 @@ specialised into the graph and checked on every later call.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import sys
 from typing import Any
 
 import torch
@@ -14,10 +17,17 @@ from torch import fx, nn
 
 from bitpipe_fx.errors import ConfigError, TraceError
 from bitpipe_fx.passes.graph_form import Captured, build_module, rebuild, tied_names, unflattener
+from bitpipe_fx.passes.opaque import OpaqueCall, Unrecorded, mark, record
 
 
-def from_export(model: nn.Module, args: tuple, kwargs: dict, training: bool) -> Captured:
-    ep = torch.export.export(model, args, kwargs, strict=False)
+def from_export(model: nn.Module, args: tuple, kwargs: dict, training: bool, leaves: dict[str, nn.Module]) -> Captured:
+    """Export ``model`` with each leaf module and custom autograd Function as one opaque call (passes/opaque.py)."""
+    calls = record(model, args, kwargs, leaves) if leaves else None
+    try:
+        ep, opaque = _export(model, args, kwargs, calls, leaves)
+    except Unrecorded:  # a custom autograd Function: record the calls, then export again
+        calls = record(model, args, kwargs, leaves)
+        ep, opaque = _export(model, args, kwargs, calls, leaves)
     unlifted = ep.module()
     in_spec, out_spec = ep.call_spec.in_spec, ep.call_spec.out_spec
     leaves = pytree.tree_leaves((args, kwargs))
@@ -33,7 +43,7 @@ def from_export(model: nn.Module, args: tuple, kwargs: dict, training: bool) -> 
             env[node] = leaf  # non-tensor inputs are specialised into the graph
     tensor_slots = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
     constant_leaves = {i: leaf for i, leaf in enumerate(leaves) if not isinstance(leaf, torch.Tensor)}
-    graph, out_leaves, constants = rebuild(model, unlifted, env, [n for n, _ in inputs])
+    graph, out_leaves, constants = rebuild(model, unlifted, env, [n for n, _ in inputs], opaque)
 
     def flatten(call_args: tuple, call_kwargs: dict) -> list[torch.Tensor]:
         ordered = {k: call_kwargs[k] for k in kwargs if k in call_kwargs} | call_kwargs
@@ -63,3 +73,24 @@ def from_export(model: nn.Module, args: tuple, kwargs: dict, training: bool) -> 
         _flatten=flatten,
         _unflatten=unflattener(out_leaves, out_spec),
     )
+
+
+def _export(
+    model: nn.Module, args: tuple, kwargs: dict, calls: list[OpaqueCall] | None, leaves: dict[str, nn.Module]
+) -> tuple[torch.export.ExportedProgram, dict[int, OpaqueCall]]:
+    """torch.export under ``mark``; the partial graph torch prints to stderr on failure is dropped (the
+    TraceError reports the failure, and capture may retry with the failing module as a leaf)."""
+    printed = io.StringIO()
+    try:
+        with mark(calls, leaves) as opaque, contextlib.redirect_stderr(printed):
+            ep = torch.export.export(model, args, kwargs, strict=False)
+    except Exception as exc:
+        _replay(printed.getvalue().replace(str(getattr(exc, "partial_fx_graph", "") or "\0"), ""))
+        raise
+    _replay(printed.getvalue())
+    return ep, opaque
+
+
+def _replay(text: str) -> None:
+    if text.strip():
+        sys.stderr.write(text)

@@ -23,6 +23,7 @@ import torch.utils._pytree as pytree
 from torch import fx, nn
 
 from bitpipe_fx.errors import TraceError
+from bitpipe_fx.passes.opaque import MARKER, FunctionCall, OpaqueCall, emit
 
 TRAINING_FLAG = "_bitpipe_training"  # call_module target that returns the stage module's ``training`` flag
 
@@ -81,6 +82,17 @@ class Captured:
         return self._unflatten(flat)
 
     @property
+    def opaque(self) -> tuple[str, ...]:
+        """What runs as one call: leaf modules (by FQN) and custom autograd Functions (by class name)."""
+        found = []
+        for node in self.graph.nodes:
+            if node.op == "call_module" and node.target != TRAINING_FLAG:
+                found.append(str(node.target))
+            elif node.op == "call_function" and isinstance(node.target, FunctionCall):
+                found.append(node.target.function.__qualname__)
+        return tuple(dict.fromkeys(found))
+
+    @property
     def graph(self) -> fx.Graph:
         return self.graph_module.graph
 
@@ -109,9 +121,14 @@ def tied_names(model: nn.Module) -> tuple[dict[str, str], dict[str, tuple[str, .
 
 
 def rebuild(
-    model: nn.Module, source: fx.GraphModule, env: dict[fx.Node, Any], input_names: list[str]
+    model: nn.Module,
+    source: fx.GraphModule,
+    env: dict[fx.Node, Any],
+    input_names: list[str],
+    opaque: dict[int, OpaqueCall] | None = None,
 ) -> tuple[fx.Graph, list[Any], dict[str, torch.Tensor]]:
-    """Copy ``source``'s graph into the normal form (see the module docstring)."""
+    """Copy ``source``'s graph into the normal form (see the module docstring); ``opaque`` resolves the markers
+    of opaque calls (passes/opaque.py) into the calls themselves."""
     canonical, _ = tied_names(model)
     graph = fx.Graph()
     constants: dict[str, torch.Tensor] = {}
@@ -136,6 +153,8 @@ def rebuild(
             flat = list(flat) if isinstance(flat, (tuple, list)) else [flat]
             out = [env[x] if isinstance(x, fx.Node) else x for x in flat]
             return graph, _finish_output(graph, out), constants
+        elif node.op == "call_function" and node.target is MARKER:
+            env[node] = emit(graph, node, lambda x: env[x], (opaque or {})[node.args[1]])
         else:
             new = graph.node_copy(node, lambda x: env[x])
             _follow_mode(graph, new)

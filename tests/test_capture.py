@@ -1,5 +1,5 @@
-"""Capture: the normal form of the graph (flat inputs, canonical FQNs, flat outputs), tied parameters, the
-torch.fx fallback with leaf modules, and TraceError for what cannot be captured."""
+"""Capture: the normal form of the graph (flat inputs, canonical FQNs, flat outputs), tied parameters, leaf
+modules and autograd Functions as one call, the torch.fx fallback, and TraceError for what cannot be captured."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from bitpipe_fx.errors import ConfigError, TraceError
 from bitpipe_fx.examples.models import bert, gpt
 from bitpipe_fx.passes import capture, compute_nodes
 from bitpipe_fx.passes.capture import TRAINING_FLAG, normalize_inputs
+from bitpipe_fx.passes.fx_capture import from_symbolic_trace
 
 
 def test_export_graph_is_flat_with_canonical_fqns_and_tied_weights():
@@ -94,30 +95,147 @@ class Gated(nn.Module):
         return self.b(self.gate(torch.relu(self.a(x))))
 
 
-def test_uncapturable_model_names_the_construct_and_the_fix():
-    with pytest.raises(TraceError) as info:
-        capture(Gated(), (torch.randn(3, 4),))
-    text = str(info.value)
-    assert "could not capture Gated" in text
-    assert "torch.export.export(strict=False) failed" in text and "torch.fx.symbolic_trace failed" in text
-    assert "if x.sum() > 0" in text  # the line of user code that broke
-    assert "data-dependent Python control flow" in text
-    assert "leaf_modules=['path.to.submodule']" in text
+def _run(captured, *args, **kwargs):
+    with torch.no_grad():
+        return captured.unflatten_output(captured.graph_module(*captured.flatten_inputs(args, kwargs)))
 
 
-def test_leaf_modules_fall_back_to_symbolic_trace():
+def test_data_dependent_submodule_becomes_a_leaf_under_export():
     torch.manual_seed(0)
     model = Gated()
-    captured = capture(model, (torch.randn(3, 4),), leaf_modules=["gate"])
-    assert captured.method == "symbolic_trace"
-    assert [n.target for n in captured.graph.nodes if n.op == "call_module"] == ["a", "gate", "b"]
-    for sign in (1.0, -1.0):  # both branches of the leaf still run
-        x = sign * torch.rand(3, 4)
-        with torch.no_grad():
-            out = captured.unflatten_output(captured.graph_module(*captured.flatten_inputs((x,))))
-            torch.testing.assert_close(out, model(x))
+    for leaves in ((), ["gate"], [Gate]):  # found by itself, or named by FQN or by class
+        captured = capture(model, (torch.randn(3, 4),), leaf_modules=leaves)
+        assert captured.method == "export" and captured.opaque == ("gate",)
+        assert [n.target for n in captured.graph.nodes if n.op == "call_module"] == ["gate"]
+        for sign in (1.0, -1.0):  # both branches of the leaf still run
+            x = sign * torch.rand(3, 4)
+            torch.testing.assert_close(_run(captured, x), model(x))
     with pytest.raises(ConfigError, match=r"leaf_modules names \['nope'\]"):
         capture(model, (torch.randn(3, 4),), leaf_modules=["nope"])
+
+
+def test_recording_opaque_calls_leaves_buffers_and_rng_alone():
+    class Normed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.BatchNorm1d(4)
+            self.drop = nn.Dropout(0.5)
+            self.gate = Gate()
+
+        def forward(self, x):
+            return self.gate(self.drop(self.norm(x)))
+
+    model, x = Normed(), torch.randn(3, 4) + 5
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    captured = capture(model, (x,))
+    assert captured.opaque == ("gate",)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+class RootGate(nn.Module):
+    """Data-dependent control flow in the model's own forward: no submodule to keep opaque."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.lin(x)
+        if h.sum() > 0:
+            return h
+        return -h
+
+
+def test_uncapturable_model_names_the_construct_and_the_fix():
+    with pytest.raises(TraceError) as info:
+        capture(RootGate(), (torch.randn(3, 4),))
+    text = str(info.value)
+    assert "could not capture RootGate" in text
+    assert "torch.export.export(strict=False) failed" in text and "torch.fx.symbolic_trace failed" in text
+    assert "if h.sum() > 0" in text  # the line of user code that broke
+    assert "data-dependent Python control flow (an `if`/`for`/`while`" in text
+    assert "in RootGate.forward itself" in text
+    assert "move it into a submodule and keep that as one opaque call: leaf_modules=['path.to.submodule']" in text
+
+
+class Config:
+    """Not a tensor, not a constant: an opaque call cannot take it."""
+
+    scale = 2.0
+
+
+class ConfiguredGate(nn.Module):
+    def forward(self, x, config):
+        return x * config.scale if x.sum() > 0 else x
+
+
+class UsesConfig(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.inner = nn.Sequential(nn.Linear(4, 4))
+        self.gate = ConfiguredGate()
+
+    def forward(self, x):
+        return self.gate(self.lin(x), Config())
+
+
+def test_a_leaf_that_cannot_be_opaque_is_named_with_the_fix():
+    with pytest.raises(TraceError) as info:
+        capture(UsesConfig(), (torch.randn(3, 4),))
+    text = str(info.value)
+    assert "could not capture UsesConfig as a graph (opaque: ConfiguredGate)" in text
+    assert "gate is called with a Config argument" in text
+    assert "pass tensors, or make a module around it the leaf" in text
+
+
+class HalfGrad(torch.autograd.Function):
+    """Identity forward whose backward halves the gradient (autograd of the forward alone would not)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 0.5
+
+
+class KeywordModel(nn.Module):
+    """forward(**kwargs), a data-dependent leaf and a custom autograd Function: what the torch.fx fallback takes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.gate = Gate()
+
+    def forward(self, x, **kwargs):
+        h = HalfGrad.apply(self.a(x)) * kwargs["mask"]
+        return {"out": self.gate(h), "skip": h}
+
+
+def test_symbolic_trace_takes_keyword_arguments_leaves_and_autograd_functions():
+    torch.manual_seed(0)
+    model = KeywordModel()
+    x, mask = torch.randn(3, 4), torch.ones(3, 4)
+    captured = from_symbolic_trace(model, (x,), {"mask": mask}, True, [Gate])
+    assert captured.method == "symbolic_trace" and captured.input_names == ("x", "mask")
+    assert captured.opaque == ("a", "HalfGrad", "gate")  # torch.fx keeps torch.nn modules whole too
+    x2, mask2 = torch.randn(3, 4), (torch.rand(3, 4) > 0.5).float()
+    assert captured.flatten_inputs((x2,), {"mask": mask2})[1] is mask2
+    expected, got = model(x2, mask=mask2), _run(captured, x2, mask=mask2)
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+    with pytest.raises(ConfigError, match=r"the captured graph needs tensors for \['x', 'mask'\]"):
+        captured.flatten_inputs((x2,), {})
+    model.zero_grad()
+    captured.unflatten_output(captured.graph_module(x2, mask2))["skip"].sum().backward()
+    staged = model.a.weight.grad.clone()
+    model.zero_grad()
+    model(x2, mask=mask2)["skip"].sum().backward()
+    assert torch.equal(staged, model.a.weight.grad)  # HalfGrad's backward ran
+    torch.testing.assert_close(staged, 0.5 * (mask2.t() @ x2))
 
 
 def test_symbolic_trace_reads_tied_weights_under_the_canonical_name():
@@ -132,7 +250,7 @@ def test_symbolic_trace_reads_tied_weights_under_the_canonical_name():
         def forward(self, tokens):
             return self.head(self.gate(self.emb(tokens)))
 
-    captured = capture(TiedLeaf(), (torch.randint(0, 10, (2, 3)),), leaf_modules=[Gate])
+    captured = from_symbolic_trace(TiedLeaf(), (torch.randint(0, 10, (2, 3)),), {}, True, [Gate])
     assert captured.method == "symbolic_trace"
     assert captured.tied == {"emb.weight": ("emb.weight", "head.weight")}
     attrs = {n.target for n in captured.graph.nodes if n.op == "get_attr"}
