@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common
 
 import bitpipe_fx.optim as bpo
-from bitpipe_fx.kernels import GroupKernel, Kind, Profile
+from bitpipe_fx.kernels import GroupKernel, Profile, sf_adamw
+from bitpipe_fx.kernels import scalars as S
 
 PRESETS = {  # hidden, layers, vocab, positions
     "gpt-1.3b": (2048, 24, 50304, 2048),  # 1.316 B parameters, 292 tensors
@@ -244,8 +245,9 @@ def sweep(shapes, device, copy_gbps: float, timer: Timer, iters: int) -> list[di
     n = sum(p.numel() for p in params)
     out = []
     for block, warps in [(1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8), (8192, 16)]:
-        gk = GroupKernel(Kind.SF_ADAMW, Profile.CONSTANT, device, "triton", block=block, num_warps=warps)
-        gk.set_inputs([0.9, 0.999, 1e-8, 0.0, 10, 0.0, 2.0, 1 - 1 / 0.9, 0.1, 0, 0, 0.5], 1e-3)
+        gk = GroupKernel(sf_adamw, Profile.CONSTANT, device, "triton", block=block, num_warps=warps)
+        gk.set_inputs({S.BETA1: 0.9, S.BETA2: 0.999, S.EPS: 1e-8, S.WARMUP: 10, S.WLR_POWER: 2.0,
+                       S.EVAL_W: 1 - 1 / 0.9, S.TRAIN_W: 0.1, S.REX_D: 0.5}, 1e-3)
         ms = timer.median_ms(lambda gk=gk: gk.step(rows_in), 3, iters)
         floor_ms = 28 * n / (copy_gbps * 1e9) * 1e3
         out.append({"block": block, "num_warps": warps, "ms": ms, "pct_of_floor": 100 * floor_ms / ms})

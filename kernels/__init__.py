@@ -1,10 +1,36 @@
-"""Fused optimizer steps (bitpipe_fx.kernels): Triton kernels and their CPU reference path.
+"""Fused optimizer steps (bitpipe_fx.kernels): one module per optimizer on shared launch machinery.
 
-One optimizer step is one pass over memory per element: Schedule-Free AdamW reads y, z, v, g
-and writes y, z, v (28 B per float32 parameter); Schedule-Free SGD reads y, z, g and writes y, z
-(20 B); AdamW reads y, g, m, v and writes y, m, v (28 B). Per parameter group and step there is
+One optimizer step is one pass over memory per element. Per parameter group and step there is
 one launch of a one-program *scalar kernel* and one element-wise launch per bucket (parameters
 of the same dtypes and alignment; usually one bucket), whatever the number of tensors.
+
+Layout
+------
+* one module per optimizer, holding its update equations (docstring), its Triton tile and its
+  CPU path: :mod:`.sf_adamw` (Schedule-Free AdamW), :mod:`.sf_sgd` (Schedule-Free SGD),
+  :mod:`.adamw` (AdamW with a device-side lr profile); :mod:`.schedulefree` holds what the two
+  Schedule-Free ones share (the step's scalars, the y/z update) and :mod:`.lerp` their
+  train/eval switch;
+* the shared machinery, which knows no optimizer: :mod:`.engine` (GroupKernel: backend choice,
+  launches, the torch path's dtype buckets), :mod:`.scalars` (the float64 slot table and the lr
+  profiles), :mod:`.tables` (pointer tables), :mod:`.lang` (slot names as Triton constants, exact
+  float math, block lookup).
+
+Adding an optimizer
+-------------------
+1. ``kernels/<name>.py``: the equations in the docstring, and the four names
+   :class:`~.engine.OptimizerKernel` asks for: ``advance(profile, slots)`` (the step's scalars on
+   the host, float64), ``scalar_kernel(s, PROFILE)`` (the same in Triton), ``torch_update(lists, s)``
+   (the CPU path) and ``step_kernel(...)`` (locate the block, form the row's pointers with
+   ``lang.address``, call the module's ``tile`` masked or unmasked; copy it from :mod:`.sf_sgd`).
+   In the tile, read each scalar once into a named local (``beta1 = tl.load(s + BETA1)``) and
+   round it to the state dtype once. Reuse the slots of :mod:`.scalars`; add one there only for
+   a hyper-parameter or output no optimizer has yet.
+2. ``bitpipe_fx/optim/<name>.py``: a FusedOptimizer subclass naming the kernel module
+   (``update = <name>``), its state keys, its checks and its {slot: value} inputs.
+3. One line in ``bitpipe_fx/optim/registry.py``, which gives it a ``--optimizer`` name.
+   Then run tests/test_kernels_triton.py (the Triton tile against the CPU path) with a case
+   for it.
 
 Pointer tables, not flat buffers
 --------------------------------
@@ -49,13 +75,21 @@ Scalars are computed in float64 and rounded once to the compute dtype, like torc
 ``alpha=`` arguments, so float32 results match the ``schedulefree`` package and torch.optim.AdamW
 to float32 rounding and float64 results to float64 rounding.
 
-The CPU path (:mod:`.torch_step`) runs the same math with torch's multi-tensor ops and is
+Each module's CPU path (``torch_update``) runs the same math with torch's multi-tensor ops and is
 chosen automatically for non-CUDA tensors; under ``TRITON_INTERPRET=1`` the Triton kernels
 themselves run on CPU tensors (``backend='triton'``), which is how the tests check them (and,
 since the interpreter cannot read device memory, CUDA tensors then take the torch path).
 """
 
-from bitpipe_fx.kernels.engine import BACKENDS, DEFAULT_BLOCK, DEFAULT_NUM_WARPS, GroupKernel, resolve_backend
-from bitpipe_fx.kernels.scalars import Kind, Profile
+from bitpipe_fx.kernels.engine import (
+    BACKENDS,
+    DEFAULT_BLOCK,
+    DEFAULT_NUM_WARPS,
+    GroupKernel,
+    OptimizerKernel,
+    resolve_backend,
+)
+from bitpipe_fx.kernels.scalars import Profile
 
-__all__ = ["BACKENDS", "DEFAULT_BLOCK", "DEFAULT_NUM_WARPS", "GroupKernel", "Kind", "Profile", "resolve_backend"]
+__all__ = ["BACKENDS", "DEFAULT_BLOCK", "DEFAULT_NUM_WARPS", "GroupKernel", "OptimizerKernel", "Profile",
+           "resolve_backend"]

@@ -2,21 +2,25 @@
 
 The optimizers in :mod:`bitpipe_fx.optim` own the torch.optim plumbing (param groups, state
 dicts, validation); a GroupKernel owns the numerics of one group: ``step(rows)`` advances the
-group's scalars and updates every row (parameter, gradient, state tensors), ``lerp(rows, slot)``
-moves Schedule-Free parameters between y and x.
+group's scalars and updates every row (parameter, gradient, state tensors) with the update of
+the optimizer's kernel module (an :class:`OptimizerKernel`: kernels/sf_adamw.py and its
+siblings), ``lerp(rows, slot)`` moves Schedule-Free parameters between y and x. Nothing here
+knows one optimizer from another.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
 
 import torch
 
 from bitpipe_fx.errors import ConfigError
+from bitpipe_fx.kernels import lang
+from bitpipe_fx.kernels import lerp as L
 from bitpipe_fx.kernels import scalars as S
-from bitpipe_fx.kernels import torch_step
 from bitpipe_fx.kernels.tables import TableCache
 
 DEFAULT_BLOCK = 4096
@@ -27,17 +31,37 @@ Row = Sequence[torch.Tensor]
 Names = Callable[[], Sequence[str]]  # parameter names for error messages, computed only when needed
 
 
+class Launchable(Protocol):
+    """A @triton.jit kernel: ``kernel[grid](*args, **constexprs, num_warps=...)``."""
+
+    def __getitem__(self, grid: tuple[int, ...]) -> Callable[..., object]: ...
+
+
+class OptimizerKernel(Protocol):
+    """What GroupKernel needs of an optimizer's kernel module; the module itself satisfies it."""
+
+    # (s, PROFILE): one program advances the slot table for this step
+    scalar_kernel: Launchable
+    # (offsets, n, block_tensor, first_block, numels, s, y_base, g_base, state_base, ALIGNED, BLOCK):
+    # one BLOCK of one row per program
+    step_kernel: Launchable
+
+    def advance(self, profile: S.Profile, slots: Sequence[float]) -> list[float]:
+        """Host twin of scalar_kernel: the slot values after one step."""
+        ...
+
+    def torch_update(self, lists: Sequence[list[torch.Tensor]], s: Sequence[float]) -> None:
+        """CPU path: update per-slot lists of same-dtype tensors in place with this step's slot values `s`."""
+        ...
+
+
 def _no_names() -> Sequence[str]:
     return ()
 
 
 def triton_available() -> bool:
     """True when triton imports (it is an optional extra)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return lang.triton is not None
 
 
 def _interpreting() -> bool:
@@ -78,9 +102,9 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
 class GroupKernel:
     """Scalars (float64 slots on the group's device), tables and launches of one parameter group."""
 
-    def __init__(self, kind: S.Kind, profile: S.Profile, device: torch.device, backend: str,
+    def __init__(self, update: OptimizerKernel, profile: S.Profile, device: torch.device, backend: str,
                  block: int = DEFAULT_BLOCK, num_warps: int = DEFAULT_NUM_WARPS) -> None:
-        self.kind, self.profile, self.device = kind, profile, device
+        self.update, self.profile, self.device = update, profile, device
         self.backend = resolve_backend(backend, device)
         self.block, self.num_warps = block, num_warps
         self.slots = torch.zeros(S.N_SLOTS, dtype=torch.float64, device=device)
@@ -90,9 +114,13 @@ class GroupKernel:
         self._last: dict[str, tuple[tuple[int, ...], list]] = {}  # purpose -> (every address, tables)
 
     # ----------------------------------------------------------------- host <-> device scalars
-    def set_inputs(self, inputs: Sequence[float], lr: float | torch.Tensor) -> None:
-        """Write the hyper-parameters (slot order of scalars.LR..REX_D) when they changed; a tensor lr is copied."""
-        values = (0.0 if isinstance(lr, torch.Tensor) else float(lr), *map(float, inputs))
+    def set_inputs(self, inputs: Mapping[int, float], lr: float | torch.Tensor) -> None:
+        """Write the hyper-parameters ({input slot: value}, others 0) when they changed; a tensor lr is copied."""
+        unknown = [slot for slot in inputs if not S.LR < slot < S.N_INPUTS]
+        if unknown:
+            raise ConfigError(f"slots {unknown} are not hyper-parameter slots; use scalars.BETA1 .. scalars.REX_D.")
+        lr_value = 0.0 if isinstance(lr, torch.Tensor) else float(lr)
+        values = (lr_value, *(float(inputs.get(slot, 0.0)) for slot in range(S.LR + 1, S.N_INPUTS)))
         if values != self._inputs:
             host = torch.tensor(values, dtype=torch.float64)
             if self.device.type == "cuda":
@@ -114,7 +142,7 @@ class GroupKernel:
 
     # ----------------------------------------------------------------- the step
     def step(self, rows: Sequence[Row], names: Names = _no_names) -> None:
-        """Advance the scalars once and update every row: (y, g, z, v), (y, g, z) or (y, g, m, v) by kind."""
+        """Advance the scalars once and update every row (param, grad, *state) with the optimizer's update."""
         if self.backend == "torch":
             self._torch_step(rows, names)
             return
@@ -128,17 +156,15 @@ class GroupKernel:
         if self.backend == "torch":
             w = self.slots[w_slot].item()
             for (ys, zs), low in _buckets(rows):
-                torch_step.lerp(ys, zs, w)
+                L.torch_lerp(ys, zs, w)
                 _store_back(low, ys)
             return
         with _on(self.device):
             self._triton_lerp(rows, w_slot)
 
     def _triton_lerp(self, rows: Sequence[Row], w_slot: int) -> None:
-        from bitpipe_fx.kernels import triton_step as T
-
         for table in self._tables_for(rows, "lerp", _no_names):
-            T.lerp_kernel[(table.n_blocks,)](
+            L.lerp_kernel[(table.n_blocks,)](
                 table.offsets, table.n, table.block_tensor, table.first_block, table.numels, self.slots,
                 table.bases[0], table.bases[1], W_SLOT=w_slot, ALIGNED=table.aligned, BLOCK=table.block,
                 num_warps=self.num_warps,
@@ -148,29 +174,22 @@ class GroupKernel:
         for i, row in enumerate(rows):
             if row[1].layout != torch.strided:
                 raise ConfigError(f"{_name(names(), i)}: sparse gradients are not supported; use dense gradients.")
-        s = S.advance(self.kind, self.profile, self.slots.tolist())
+        s = self.update.advance(self.profile, self.slots.tolist())
         self.slots.copy_(torch.tensor(s, dtype=torch.float64))
-        update = {S.Kind.SF_ADAMW: torch_step.sf_adamw, S.Kind.SF_SGD: torch_step.sf_sgd,
-                  S.Kind.ADAMW: torch_step.adamw}[self.kind]
         for lists, low in _buckets(rows):
-            update(*lists, s)
+            self.update.torch_update(lists, s)
             _store_back(low, lists[0])
 
     def _triton_step(self, rows: Sequence[Row], names: Names) -> None:
-        from bitpipe_fx.kernels import triton_step as T
-
-        T.scalar_step_kernel[(1,)](self.slots, KIND=int(self.kind), PROFILE=int(self.profile), num_warps=1)
+        self.update.scalar_kernel[(1,)](self.slots, PROFILE=int(self.profile), num_warps=1)
         if not rows:
             return
         for table in self._tables_for(rows, "step", names):
-            args = (table.offsets, table.n, table.block_tensor, table.first_block, table.numels, self.slots,
-                    *table.bases[:3])
-            if self.kind == S.Kind.ADAMW:
-                T.adamw_step_kernel[(table.n_blocks,)](*args, ALIGNED=table.aligned, BLOCK=table.block,
-                                                       num_warps=self.num_warps)
-            else:
-                T.sf_step_kernel[(table.n_blocks,)](*args, ADAM=self.kind == S.Kind.SF_ADAMW, ALIGNED=table.aligned,
-                                                    BLOCK=table.block, num_warps=self.num_warps)
+            # state slots share one dtype, so bases[2] is the base of every state slot
+            self.update.step_kernel[(table.n_blocks,)](
+                table.offsets, table.n, table.block_tensor, table.first_block, table.numels, self.slots,
+                *table.bases[:3], ALIGNED=table.aligned, BLOCK=table.block, num_warps=self.num_warps,
+            )
 
     def _tables_for(self, rows: Sequence[Row], purpose: str, names: Names) -> list:
         """Tables for `rows`; when no address changed since the last call, the last tables, found in one compare."""

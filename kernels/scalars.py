@@ -1,27 +1,18 @@
-"""Per-group step scalars: the float64 slot layout that lives on the device, and its host twin.
+"""The scalar table: the float64 slot layout every optimizer group keeps on its device, and the lr profiles.
 
 Each parameter group owns one small float64 tensor on its device. The host writes the
-hyper-parameters (the *inputs*) only when they change; every step the scalar kernel (or, on
-the CPU path, :func:`advance` below) reads the inputs and the running *state* (step count,
-lr_max, weight sum), advances the state and writes the *outputs* that the element-wise
-update reads. Nothing in a step reads a device value back on the host.
-
-The host math here follows the ``schedulefree`` package operation for operation (Python
-floats are IEEE doubles), so the CPU path reproduces its scalars bit for bit.
+hyper-parameters (the *inputs*) only when they change; every step the optimizer's scalar
+kernel (or, on the CPU path, its host twin ``advance``) reads the inputs and the running
+*state* (step count, lr_max, weight sum), advances the state and writes the *outputs* that the
+element-wise update reads. Nothing in a step reads a device value back on the host. What an
+output slot holds is the optimizer's to say (COEF is one number for Schedule-Free, another for
+AdamW); a new optimizer reuses the slots it can and adds the ones it needs here.
 """
 
 from __future__ import annotations
 
 import math
 from enum import IntEnum
-
-
-class Kind(IntEnum):
-    """Which update an optimizer group runs."""
-
-    SF_ADAMW = 0
-    SF_SGD = 1
-    ADAMW = 2
 
 
 class Profile(IntEnum):
@@ -77,29 +68,3 @@ def profile_lr(profile: Profile, k: float, base: float, warmup: float, total: fl
     else:
         shape = (1.0 - z) / (1.0 - d * z)
     return min_lr + (base - min_lr) * shape
-
-
-def advance(kind: Kind, profile: Profile, slots: list[float]) -> list[float]:
-    """Return the slot values after one step: state advanced, outputs for this step filled in."""
-    s = list(slots)
-    k = s[K]
-    beta1, beta2 = s[BETA1], s[BETA2]
-    if kind == Kind.ADAMW:
-        gamma = profile_lr(profile, k, s[LR], s[WARMUP], s[TOTAL], s[MIN_LR], s[REX_D])
-        s[GAMMA] = gamma
-        s[BIAS2] = math.sqrt(1 - beta2 ** (k + 1))
-        s[COEF] = gamma / (1 - beta1 ** (k + 1))
-        s[DECAY] = 1 - gamma * s[WD]
-        s[K] = k + 1
-        return s
-    sched = (k + 1) / s[WARMUP] if k < s[WARMUP] else 1.0
-    gamma = s[LR] * sched
-    lr_max = max(gamma, s[LR_MAX])
-    weight = ((k + 1) ** s[R]) * (lr_max ** s[WLR_POWER])
-    wsum = s[WSUM] + weight
-    c = weight / wsum if wsum != 0 else 0.0
-    s[GAMMA], s[LR_MAX], s[WSUM], s[C] = gamma, lr_max, wsum, c
-    s[BIAS2] = 1 - beta2 ** (k + 1)
-    s[COEF] = gamma * (beta1 * (1 - c) - 1)
-    s[K] = k + 1
-    return s

@@ -23,26 +23,27 @@ ALIGNED_ARGS = {(i,): [["tt.divisibility", 16]] for i in range(9)}
 
 
 def _compile(name: str, signature: dict, constexprs: dict, aligned_args: bool, num_warps: int) -> str:
-    """PTX of kernels.triton_step.<name> for sm_90 (run with the interpreter off)."""
+    """PTX of kernels.<module>.<kernel> (`name` = "module.kernel") for sm_90 (run with the interpreter off)."""
+    import importlib
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from bitpipe_fx.kernels import triton_step
-
+    module, kernel = name.split(".")
+    fn = getattr(importlib.import_module(f"bitpipe_fx.kernels.{module}"), kernel)
     attrs = ALIGNED_ARGS if aligned_args else {}
-    source = ASTSource(fn=getattr(triton_step, name), signature=signature, constexprs=constexprs, attrs=attrs)
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}).asm["ptx"]
 
 
-SF_SIGNATURE = {**BASE, "y_base": "*fp32", "g_base": "*fp32", "z_base": "*fp32",
-                "ADAM": "constexpr", "ALIGNED": "constexpr", "BLOCK": "constexpr"}
-JOBS = {  # name: (kernel, signature, constexprs, pointer args 16-byte aligned, num_warps)
-    "aligned": ("sf_step_kernel", SF_SIGNATURE, {"ADAM": True, "ALIGNED": True, "BLOCK": 4096}, True, 8),
-    "unaligned": ("sf_step_kernel", SF_SIGNATURE, {"ADAM": True, "ALIGNED": False, "BLOCK": 4096}, True, 8),
+SF_SIGNATURE = {**BASE, "y_base": "*fp32", "g_base": "*fp32", "state_base": "*fp32",
+                "ALIGNED": "constexpr", "BLOCK": "constexpr"}
+JOBS = {  # name: (module.kernel, signature, constexprs, pointer args 16-byte aligned, num_warps)
+    "aligned": ("sf_adamw.step_kernel", SF_SIGNATURE, {"ALIGNED": True, "BLOCK": 4096}, True, 8),
+    "unaligned": ("sf_adamw.step_kernel", SF_SIGNATURE, {"ALIGNED": False, "BLOCK": 4096}, True, 8),
     # AdamW with the cosine profile: exp, log and cos in float64
-    "scalar": ("scalar_step_kernel", {"s": "*fp64", "KIND": "constexpr", "PROFILE": "constexpr"},
-               {"KIND": 2, "PROFILE": 2}, False, 1),
+    "scalar": ("adamw.scalar_kernel", {"s": "*fp64", "PROFILE": "constexpr"}, {"PROFILE": 2}, False, 1),
 }
 
 

@@ -11,13 +11,7 @@ import torch
 pytest.importorskip("triton")
 
 from bitpipe_fx.errors import ConfigError
-from bitpipe_fx.kernels import (
-    DEFAULT_BLOCK,
-    GroupKernel,
-    Kind,
-    Profile,
-    tables,
-)
+from bitpipe_fx.kernels import DEFAULT_BLOCK, GroupKernel, Profile, adamw, sf_adamw, sf_sgd, tables
 from bitpipe_fx.kernels import scalars as S
 from bitpipe_fx.optim import AdamW, ScheduleFreeAdamW, ScheduleFreeSGD
 
@@ -134,18 +128,17 @@ def test_tables_are_reused_while_addresses_stay(monkeypatch):
     assert_same(got, want, rtol=1e-5, atol=1e-6)
 
 
-CASES = [(Kind.SF_ADAMW, Profile.CONSTANT), (Kind.SF_SGD, Profile.CONSTANT)] + [
-    (Kind.ADAMW, p) for p in Profile]
+CASES = [(sf_adamw, Profile.CONSTANT), (sf_sgd, Profile.CONSTANT)] + [(adamw, p) for p in Profile]
+INPUTS = dict(zip(range(S.BETA1, S.N_INPUTS), [0.85, 0.98, 1e-8, 0.1, 4, 0.7, 1.5, 1 - 1 / 0.85, 0.15, 20, 1e-4, 0.5]))
 
 
-@pytest.mark.parametrize(("kind", "profile"), CASES)
+@pytest.mark.parametrize(("update", "profile"), CASES, ids=lambda c: getattr(c, "__name__", str(c)))
 @pytest.mark.parametrize("lr", [3e-3, 0.0])
-def test_scalar_kernel_matches_host_math(kind, profile, lr):
+def test_scalar_kernel_matches_host_math(update, profile, lr):
     """Step count, lr_max, Σweight, γ, c and bias terms on the device equal the host's float64 math."""
-    inputs = [0.85, 0.98, 1e-8, 0.1, 4, 0.7, 1.5, 1 - 1 / 0.85, 0.15, 20, 1e-4, 0.5]
-    kernels = [GroupKernel(kind, profile, torch.device("cpu"), b) for b in ("triton", "torch")]
+    kernels = [GroupKernel(update, profile, torch.device("cpu"), b) for b in ("triton", "torch")]
     for k in kernels:
-        k.set_inputs(inputs, lr)
+        k.set_inputs(INPUTS, lr)
     for step in range(25):
         for k in kernels:
             k.step([])

@@ -1,4 +1,4 @@
-"""AdamW with its learning-rate profile computed on the device: no LRScheduler, no host sync per step."""
+"""AdamW: the torch.optim front of kernels.adamw, its learning-rate profile computed on the device (no host sync)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from bitpipe_fx.errors import ConfigError
+from bitpipe_fx.kernels import adamw
 from bitpipe_fx.kernels import scalars as S
 from bitpipe_fx.kernels.engine import GroupKernel
 from bitpipe_fx.optim.base import FusedOptimizer, check_beta, check_lr, check_nonneg
@@ -25,7 +26,7 @@ class AdamW(FusedOptimizer):
     had been accumulating zeros (torch keeps a count per parameter).
     """
 
-    kind = S.Kind.ADAMW
+    update = adamw
     state_keys = ("exp_avg", "exp_avg_sq")
     counter_keys = ("step", "scheduled_lr")
 
@@ -60,10 +61,11 @@ class AdamW(FusedOptimizer):
     def profile(self, group: dict[str, Any]) -> S.Profile:
         return self.group_profile(group).code
 
-    def inputs(self, group: dict[str, Any]) -> list[float]:
+    def inputs(self, group: dict[str, Any]) -> dict[int, float]:
         beta1, beta2 = group["betas"]
-        return [beta1, beta2, group["eps"], group["weight_decay"], group["warmup_steps"], 0.0, 0.0, 0.0, 0.0,
-                group["total_steps"] or 0, group["min_lr"], group["rex_d"]]
+        return {S.BETA1: beta1, S.BETA2: beta2, S.EPS: group["eps"], S.WD: group["weight_decay"],
+                S.WARMUP: group["warmup_steps"], S.TOTAL: group["total_steps"] or 0, S.MIN_LR: group["min_lr"],
+                S.REX_D: group["rex_d"]}
 
     def counters(self, values: dict[str, float]) -> dict[str, Any]:
         return {"step": values["k"], "scheduled_lr": values["scheduled_lr"]}

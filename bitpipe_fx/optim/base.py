@@ -1,8 +1,9 @@
 """FusedOptimizer: the torch.optim plumbing shared by the fused optimizers (groups, state, checkpoints).
 
-A subclass says which update it runs (`kind`), which per-parameter state it keeps
-(`state_keys`), which group counters appear in its state dict, and how a group's
-hyper-parameters map to the kernels' input slots. The numerics live in bitpipe_fx.kernels.
+A subclass says which kernel module runs its update (`update`, e.g. kernels.sf_adamw), which
+per-parameter state it keeps (`state_keys`, the row slots after param and grad), which group
+counters appear in its state dict, and how a group's hyper-parameters map to the scalar table's
+input slots. The numerics live in bitpipe_fx.kernels.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from bitpipe_fx.errors import ConfigError
 from bitpipe_fx.kernels import scalars as S
-from bitpipe_fx.kernels.engine import BACKENDS, GroupKernel, state_dtype
+from bitpipe_fx.kernels.engine import BACKENDS, GroupKernel, OptimizerKernel, state_dtype
 
 
 def check_lr(lr: float | torch.Tensor) -> None:
@@ -49,7 +50,7 @@ def check_warmup(value: int) -> None:
 class FusedOptimizer(torch.optim.Optimizer):
     """Base of ScheduleFreeAdamW, ScheduleFreeSGD and AdamW: one GroupKernel per param group."""
 
-    kind: S.Kind
+    update: OptimizerKernel
     state_keys: tuple[str, ...]
     counter_keys: tuple[str, ...]
 
@@ -65,8 +66,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Raise ConfigError for an invalid hyper-parameter of `group`."""
         raise NotImplementedError
 
-    def inputs(self, group: dict[str, Any]) -> list[float]:
-        """Slot values BETA1 .. REX_D of `group` (see kernels.scalars)."""
+    def inputs(self, group: dict[str, Any]) -> dict[int, float]:
+        """{input slot (kernels.scalars.BETA1 .. REX_D): value} of `group`; slots left out are 0."""
         raise NotImplementedError
 
     def profile(self, group: dict[str, Any]) -> S.Profile:
@@ -105,7 +106,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         group = self.param_groups[index]
         if index not in self._kernels:
             device = group["params"][0].device if group["params"] else torch.device("cpu")
-            self._kernels[index] = GroupKernel(self.kind, self.profile(group), device, self.backend)
+            self._kernels[index] = GroupKernel(self.update, self.profile(group), device, self.backend)
         kernel = self._kernels[index]
         kernel.profile = self.profile(group)
         kernel.set_inputs(self.inputs(group), group["lr"])

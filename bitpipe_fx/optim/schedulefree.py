@@ -1,4 +1,4 @@
-"""Schedule-Free AdamW and SGD with the ``schedulefree`` package's arguments and semantics, fused.
+"""ScheduleFree: what the Schedule-Free fronts share (train/eval switching, counters, checks), as the package does it.
 
 In train mode a parameter holds y (where gradients are taken); ``eval()`` moves it to the
 averaged iterate x = y + (1 - 1/β1)(z - y), ``train()`` back to y = x + (1 - β1)(z - x).
@@ -8,7 +8,6 @@ with the package. Unlike the package, a step leaves ``p.grad`` unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -16,10 +15,10 @@ import torch
 from bitpipe_fx.errors import ConfigError
 from bitpipe_fx.kernels import scalars as S
 from bitpipe_fx.kernels.engine import GroupKernel, state_dtype
-from bitpipe_fx.optim.base import FusedOptimizer, check_beta, check_lr, check_nonneg, check_warmup
+from bitpipe_fx.optim.base import FusedOptimizer, check_lr, check_nonneg, check_warmup
 
 
-class _ScheduleFree(FusedOptimizer):
+class ScheduleFree(FusedOptimizer):
     """train()/eval() switching, the eval-mode guard and the package's state-dict counters."""
 
     counter_keys = ("k", "lr_max", "weight_sum", "scheduled_lr")
@@ -83,7 +82,8 @@ class _ScheduleFree(FusedOptimizer):
                           float(saved.get("weight_sum", 0.0)), float(saved.get("scheduled_lr", 0.0)))
 
 
-def _check_common(group: dict[str, Any]) -> None:
+def check_schedule_free(group: dict[str, Any]) -> None:
+    """The checks of the hyper-parameters every Schedule-Free optimizer has."""
     check_lr(group["lr"])
     check_nonneg("weight_decay", group["weight_decay"])
     check_warmup(group["warmup_steps"])
@@ -91,55 +91,7 @@ def _check_common(group: dict[str, Any]) -> None:
     check_nonneg("weight_lr_power", group["weight_lr_power"])
 
 
-class ScheduleFreeAdamW(_ScheduleFree):
-    """Schedule-Free AdamW (Defazio et al. 2024) as schedulefree.AdamWScheduleFree computes it, in one fused pass.
-
-    Arguments and defaults are the package's: lr, betas, eps, weight_decay (applied at y),
-    warmup_steps (linear), r (polynomial averaging weight), weight_lr_power. ``backend``
-    picks the implementation: 'auto' (Triton on CUDA, the torch path elsewhere), 'triton', 'torch'.
-    """
-
-    kind = S.Kind.SF_ADAMW
-    state_keys = ("z", "exp_avg_sq")
-
-    def __init__(self, params: Iterable, lr: float | torch.Tensor = 0.0025, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, warmup_steps: int = 0, r: float = 0.0,
-                 weight_lr_power: float = 2.0, *, backend: str = "auto") -> None:
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, warmup_steps=warmup_steps, r=r,
-                        weight_lr_power=weight_lr_power, train_mode=False)
-        super().__init__(params, defaults, backend)
-
-    def check_group(self, group: dict[str, Any]) -> None:
-        _check_common(group)
-        beta1, beta2 = group["betas"]
-        check_beta("betas[0]", beta1, low_open=True)
-        check_beta("betas[1]", beta2)
-        check_nonneg("eps", group["eps"])
-
-    def inputs(self, group: dict[str, Any]) -> list[float]:
-        beta1, beta2 = group["betas"]
-        return [beta1, beta2, group["eps"], group["weight_decay"], group["warmup_steps"], group["r"],
-                group["weight_lr_power"], 1 - 1 / beta1, 1 - beta1, 0.0, 0.0, 0.0]
-
-
-class ScheduleFreeSGD(_ScheduleFree):
-    """Schedule-Free SGD as schedulefree.SGDScheduleFree computes it (lr default 1.0, momentum 0.9), fused."""
-
-    kind = S.Kind.SF_SGD
-    state_keys = ("z",)
-
-    def __init__(self, params: Iterable, lr: float | torch.Tensor = 1.0, momentum: float = 0.9,
-                 weight_decay: float = 0.0, warmup_steps: int = 0, r: float = 0.0, weight_lr_power: float = 2.0,
-                 *, backend: str = "auto") -> None:
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, warmup_steps=warmup_steps, r=r,
-                        weight_lr_power=weight_lr_power, train_mode=False)
-        super().__init__(params, defaults, backend)
-
-    def check_group(self, group: dict[str, Any]) -> None:
-        _check_common(group)
-        check_beta("momentum", group["momentum"], low_open=True)
-
-    def inputs(self, group: dict[str, Any]) -> list[float]:
-        m = group["momentum"]
-        return [m, 0.0, 0.0, group["weight_decay"], group["warmup_steps"], group["r"], group["weight_lr_power"],
-                1 - 1 / m, 1 - m, 0.0, 0.0, 0.0]
+def schedule_free_inputs(group: dict[str, Any], beta1: float) -> dict[int, float]:
+    """The input slots every Schedule-Free optimizer fills; β1 (or SGD's momentum) also sets the lerp weights."""
+    return {S.BETA1: beta1, S.WD: group["weight_decay"], S.WARMUP: group["warmup_steps"], S.R: group["r"],
+            S.WLR_POWER: group["weight_lr_power"], S.EVAL_W: 1 - 1 / beta1, S.TRAIN_W: 1 - beta1}

@@ -12,12 +12,11 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from bitpipe_fx.errors import ConfigError
+from bitpipe_fx.optim.registry import OPTIMIZERS
 
 MODELS = {"gpt": "bitpipe_fx.examples.models:gpt", "bert": "bitpipe_fx.examples.models:bert"}
 # sizes of the built-in models for real (byte-level) training; --arg KEY=VALUE overrides them
 MODEL_DEFAULTS = {"dim": 128, "heads": 4, "layers": 8}
-OPTIMIZERS = ("sf-adamw", "sf-sgd", "adamw-rex")
-DEFAULT_LR = {"sf-adamw": 3e-3, "sf-sgd": 0.5, "adamw-rex": 3e-3}
 DTYPES = ("float32", "float64", "bfloat16")
 DEFAULT_SEQ, DEFAULT_BATCH = 64, 16
 
@@ -203,23 +202,16 @@ def resolve(cfg: TrainConfig, example: Any) -> TrainConfig:
             f"(microbatches {cfg.microbatches} x data-parallel {cfg.data_parallel}) and --seq-len {seq_len} ask "
             f"for {batch // (cfg.microbatches * cfg.data_parallel)} rows of {seq_len}; make them agree"
         )
-    lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.optimizer]
+    lr = cfg.lr if cfg.lr is not None else OPTIMIZERS[cfg.optimizer].default_lr
     eval_every = cfg.eval_every if cfg.eval_every is not None else max(1, cfg.steps // 10)
     return replace(cfg, task=task, batch_size=batch, seq_len=seq_len, lr=lr, eval_every=eval_every)
 
 
 def optimizer_factory(cfg: TrainConfig):
     """``params -> optimizer`` for the run (the same factory builds the non-pipelined reference's)."""
-    from bitpipe_fx import optim
-
-    if cfg.optimizer == "sf-adamw":
-        return lambda params: optim.ScheduleFreeAdamW(params, lr=cfg.lr, warmup_steps=cfg.warmup,
-                                                      weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "sf-sgd":
-        return lambda params: optim.ScheduleFreeSGD(params, lr=cfg.lr, warmup_steps=cfg.warmup,
-                                                    weight_decay=cfg.weight_decay)
-    return lambda params: optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, lr_profile="rex",
-                                      total_steps=max(cfg.steps, cfg.warmup + 1), warmup_steps=cfg.warmup)
+    entry = OPTIMIZERS[cfg.optimizer]
+    return lambda params: entry.build(params, lr=cfg.lr, warmup_steps=cfg.warmup, weight_decay=cfg.weight_decay,
+                                      total_steps=max(cfg.steps, cfg.warmup + 1))
 
 
 def loss_fn(logits: Any, targets: Any) -> Any:
