@@ -1,8 +1,9 @@
 """Derive point-to-point communication from a program and its placement.
 
 This is the one function pair that both the simulator and the runtime use, so what is
-simulated is what runs. A value crosses devices only when producer and consumer chunks
-sit on different devices; a V turn (stage D-1 -> D on one device) is a local hand-off.
+simulated is what runs. The values are the dependency rule's (``deps``) needs that cross
+chunks; a value crosses devices only when producer and consumer chunks sit on different
+devices; a V turn (stage D-1 -> D on one device) is a local hand-off.
 
 - activation of (pipe, stage, mb): produced by F(pipe, stage, mb), consumed by F(pipe, stage+1, mb)
 - gradient of (pipe, stage, mb): produced by B or I(pipe, stage, mb), consumed by
@@ -13,7 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bitpipe_fx.schedules.deps import ACTIVATION, INPUT_GRAD, Key, dependents, needs, provides
 from bitpipe_fx.schedules.ir import Action, Program
+
+_MESSAGE_KIND = {ACTIVATION: "act", INPUT_GRAD: "grad"}  # result kind -> message kind
 
 
 @dataclass(frozen=True, order=True)
@@ -50,28 +54,26 @@ Op = Action | Comm
 
 def produced_value(program: Program, action: Action) -> Message | None:
     """The value ``action`` hands to another chunk (src == dst for a local hand-off), or None."""
-    if action.kind == "F" and action.stage + 1 < program.stages:
-        kind, dst_stage = "act", action.stage + 1
-    elif action.kind in ("B", "I") and action.stage > 0:
-        kind, dst_stage = "grad", action.stage - 1
-    else:
-        return None
-    place = program.placement
-    return Message(kind, action.pipe, action.stage, action.microbatch,
-                   place.device(action.pipe, action.stage), place.device(action.pipe, dst_stage))
+    for key in provides(action):
+        for consumer in dependents(key, program.stages, split=False):
+            if consumer.stage != action.stage:
+                return _value(program, key, consumer.stage)
+    return None
 
 
 def consumed_value(program: Program, action: Action) -> Message | None:
     """The value ``action`` needs from another chunk (src == dst for a local hand-off), or None."""
-    if action.kind == "F" and action.stage > 0:
-        kind, src_stage = "act", action.stage - 1
-    elif action.kind in ("B", "I") and action.stage + 1 < program.stages:
-        kind, src_stage = "grad", action.stage + 1
-    else:
-        return None
+    for key in needs(action, program.stages):
+        if key[2] != action.stage:
+            return _value(program, key, action.stage)
+    return None
+
+
+def _value(program: Program, key: Key, dst_stage: int) -> Message:
+    """The message carrying result ``key`` to the chunk of ``dst_stage`` on the same pipe."""
+    kind, pipe, stage, mb = key
     place = program.placement
-    return Message(kind, action.pipe, src_stage, action.microbatch,
-                   place.device(action.pipe, src_stage), place.device(action.pipe, action.stage))
+    return Message(_MESSAGE_KIND[kind], pipe, stage, mb, place.device(pipe, stage), place.device(pipe, dst_stage))
 
 
 def produced_message(program: Program, action: Action) -> Message | None:

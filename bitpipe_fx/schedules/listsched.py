@@ -12,9 +12,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from bitpipe_fx.errors import ScheduleError
+from bitpipe_fx.schedules.deps import Key, dependents, needs, provides
 from bitpipe_fx.schedules.ir import Action, Placement
-
-Key = tuple[str, int, int, int]  # (kind, pipe, stage, micro-batch); kind "B/I" = an input gradient is ready
 
 
 @dataclass(frozen=True)
@@ -74,7 +73,7 @@ class Timed:
 
 @dataclass
 class State:
-    """What priority and admission rules may look at: the time, and the end of everything started so far."""
+    """What priority and admission rules may look at: the time, and when each started result (deps key) is ready."""
 
     time: float = 0.0
     done: dict[Key, float] = field(default_factory=dict)
@@ -86,28 +85,6 @@ class State:
 
 Priority = Callable[[Action, float], tuple]  # (action, ready time) -> sort key, smallest runs first
 Admit = Callable[[Action, State], bool]  # may this (forward) action start now?
-
-
-def deps(action: Action, stages: int) -> tuple[Key, ...]:
-    """What must have finished before ``action`` may start."""
-    p, s, m = action.pipe, action.stage, action.microbatch
-    if action.kind == "F":
-        return (("F", p, s - 1, m),) if s > 0 else ()
-    if action.kind in ("B", "I"):
-        return (("F", p, s, m),) + ((("B/I", p, s + 1, m),) if s + 1 < stages else ())
-    return (("I", p, s, m),)
-
-
-def _dependents(key: Key, stages: int, back: tuple[str, ...]) -> list[Action]:
-    kind, p, s, m = key
-    if kind == "F":
-        nxt = [Action("F", p, s + 1, m)] if s + 1 < stages else []
-        return [*nxt, Action(back[0], p, s, m)]
-    if kind == "B/I":
-        return [Action(back[0], p, s - 1, m)] if s > 0 else []
-    if kind == "I":
-        return [Action("W", p, s, m)]
-    return []
 
 
 def list_schedule(
@@ -126,12 +103,11 @@ def list_schedule(
     """
     stages, devices = placement.stages, placement.devices
     costs.check_stages(stages)
-    back = ("I", "W") if split else ("B",)
     state = State()
     candidates: list[dict[Action, float]] = [{} for _ in range(devices)]  # all inputs started -> ready time
     for m, p in enumerate(pipe_of):
         candidates[placement.device(p, 0)][Action("F", p, 0, m)] = 0.0
-    remaining = len(pipe_of) * stages * (1 + len(back))
+    remaining = len(pipe_of) * stages * (3 if split else 2)
     free = [0.0] * devices
     orders: list[list[Timed]] = [[] for _ in range(devices)]
     events = [0.0]
@@ -165,22 +141,15 @@ def list_schedule(
             free[d] = now + costs.of(a.kind, a.stage)
             heapq.heappush(events, free[d])
             orders[d].append(Timed(now, free[d], a))
-            keys = [(a.kind, a.pipe, a.stage, a.microbatch)] + ([("B/I", a.pipe, a.stage, a.microbatch)]
-                                                                if a.kind in ("B", "I") else [])
-            for key in keys:
+            for key in provides(a):
                 state.done[key] = free[d]
-                for nxt in _dependents(key, stages, back):
-                    need = deps(nxt, stages)
+                for nxt in dependents(key, stages, split):
+                    need = needs(nxt, stages)
                     if all(k in state.done for k in need):
                         at = max(state.done[k] for k in need)
                         candidates[placement.device(nxt.pipe, nxt.stage)][nxt] = at
                         heapq.heappush(events, at)
     return tuple(tuple(o) for o in orders)
-
-
-def actions_of(timed: Sequence[Timed]) -> list[Action]:
-    """The order of a timed device list."""
-    return [t.action for t in timed]
 
 
 def makespan(placement: Placement, orders: Sequence[Sequence[Action]], costs: UnitCosts) -> float:
@@ -196,13 +165,12 @@ def makespan(placement: Placement, orders: Sequence[Sequence[Action]], costs: Un
         for d, order in enumerate(orders):
             while pos[d] < len(order):
                 a = order[pos[d]]
-                need = deps(a, stages)
+                need = needs(a, stages)
                 if not all(k in done for k in need):
                     break
                 free[d] = max([free[d], *(done[k] for k in need)]) + costs.of(a.kind, a.stage)
-                done[(a.kind, a.pipe, a.stage, a.microbatch)] = free[d]
-                if a.kind in ("B", "I"):
-                    done[("B/I", a.pipe, a.stage, a.microbatch)] = free[d]
+                for key in provides(a):
+                    done[key] = free[d]
                 pos[d] += 1
                 progress = True
     if any(p < len(o) for p, o in zip(pos, orders)):

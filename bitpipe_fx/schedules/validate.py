@@ -12,6 +12,7 @@ from collections.abc import Iterable
 
 from bitpipe_fx.errors import ScheduleError
 from bitpipe_fx.schedules.comm import Comm, lower
+from bitpipe_fx.schedules.deps import Key, describe, needs, provides
 from bitpipe_fx.schedules.ir import Action, Program
 
 Mark = tuple[int, int]  # (device, step); step == len(actions) means "missing, should be on this device"
@@ -113,27 +114,12 @@ def _sync_problems(program: Program, seen: dict[Action, Mark], d: int, chunk: tu
 # ---- symbolic execution of the lowered program ---------------------------------------------------
 
 
-Dep = tuple[str, int, int, int]  # (kind, pipe, stage, micro-batch); kind "B/I" = the input gradient from B or I
-
-
-def _deps(program: Program, a: Action) -> tuple[Dep, ...]:
-    """What must have run before ``a`` may start (the input gradient may come from B or from I)."""
-    p, s, m = a.pipe, a.stage, a.microbatch
-    if a.kind == "F":
-        return (("F", p, s - 1, m),) if s > 0 else ()
-    if a.kind in ("B", "I"):
-        return (("F", p, s, m),) + ((("B/I", p, s + 1, m),) if s + 1 < program.stages else ())
-    if a.kind == "W":
-        return (("I", p, s, m),)
-    return ()
-
-
 def _execution_problems(program: Program) -> list[tuple[Mark, str]]:
     ops = lower(program)
     pos = [0] * program.devices  # next lowered op per device
     step = [0] * program.devices  # next program action per device
     sent: set = set()
-    done: set[Dep] = set()
+    done: set[Key] = set()
     progress = True
     while progress:
         progress = False
@@ -144,10 +130,8 @@ def _execution_problems(program: Program) -> list[tuple[Mark, str]]:
                     if op.op == "RECV" and op.message not in sent:
                         break
                     sent.add(op.message)
-                elif all(dep in done for dep in _deps(program, op)):
-                    done.add((op.kind, op.pipe, op.stage, op.microbatch))
-                    if op.kind in ("B", "I"):
-                        done.add(("B/I", op.pipe, op.stage, op.microbatch))
+                elif all(key in done for key in needs(op, program.stages)):
+                    done.update(provides(op))
                     step[d] += 1
                 else:
                     break
@@ -160,16 +144,15 @@ def _execution_problems(program: Program) -> list[tuple[Mark, str]]:
     ]
 
 
-def _stuck_reason(program: Program, op: Action | Comm, d: int, done: set[Dep]) -> str:
+def _stuck_reason(program: Program, op: Action | Comm, d: int, done: set[Key]) -> str:
     if isinstance(op, Comm):
         msg = op.message
         return f"dev{d} blocks receiving {msg.kind}{msg.pipe}.{msg.stage}.{msg.microbatch} from dev{msg.src}"
     waiting = []
-    for dep in _deps(program, op):
-        if dep not in done:
-            kind, p, s, m = dep
-            owner = program.placement.device(p, s)
-            waiting.append(f"{kind}{p}.{s}.{m} (dev{owner}{', later on this device' if owner == d else ''})")
+    for key in needs(op, program.stages):
+        if key not in done:
+            owner = program.placement.device(key[1], key[2])
+            waiting.append(f"{describe(key)} (dev{owner}{', later on this device' if owner == d else ''})")
     return f"dev{d} cannot run {op}: it needs {', '.join(waiting)}"
 
 

@@ -16,14 +16,13 @@ from collections import defaultdict, deque
 from dataclasses import dataclass
 
 from bitpipe_fx.errors import ScheduleError
-from bitpipe_fx.schedules.comm import Comm, Message, consumed_message, lower, produced_message
+from bitpipe_fx.schedules.comm import Comm, Message, lower, produced_message, produced_value
+from bitpipe_fx.schedules.deps import describe, needs, provides
 from bitpipe_fx.schedules.ir import COMPUTE_KINDS, Action, Program
 from bitpipe_fx.sim.cost import CostModel
 from bitpipe_fx.sim.trace import TraceEvent
 
-# dependency keys: ("F", p, s, m) activation of a forward, ("G", p, s, m) input gradient (B or I),
-# ("W", p, s, m) weight gradient (B or W), or a Message (arrival of a cross-device send)
-Key = tuple | Message
+Key = tuple | Message  # a result of the dependency rule (deps.Key), or a Message (arrival of a cross-device send)
 
 
 @dataclass(frozen=True)
@@ -118,21 +117,10 @@ class SimReport:
         }
 
 
-def _needs(program: Program, action: Action) -> list[Key]:
-    """Local dependencies of a compute action (cross-device ones are the RECV before it)."""
-    p, s, m = action.pipe, action.stage, action.microbatch
-    if action.kind == "F":
-        return [("F", p, s - 1, m)] if s > 0 and consumed_message(program, action) is None else []
-    if action.kind in ("B", "I"):
-        local_grad = s + 1 < program.stages and consumed_message(program, action) is None
-        return [("F", p, s, m), *([("G", p, s + 1, m)] if local_grad else [])]
-    return [("G", p, s, m)]  # W
-
-
-def _produces(action: Action) -> list[tuple]:
-    p, s, m = action.pipe, action.stage, action.microbatch
-    return {"F": [("F", p, s, m)], "B": [("G", p, s, m), ("W", p, s, m)], "I": [("G", p, s, m)],
-            "W": [("W", p, s, m)]}[action.kind]
+def _local_needs(program: Program, device: int, action: Action) -> list[Key]:
+    """The needs of ``action`` produced on its own device (cross-device ones are the RECV before it)."""
+    place = program.placement
+    return [k for k in needs(action, program.stages) if place.device(k[1], k[2]) == device]
 
 
 def _message_bytes(msg: Message, act_bytes: tuple[float, ...]) -> float:
@@ -141,10 +129,7 @@ def _message_bytes(msg: Message, act_bytes: tuple[float, ...]) -> float:
 
 
 def _describe(key: Key) -> str:
-    if isinstance(key, Message):
-        return f"message {key}"
-    kind, p, s, m = key
-    return {"F": f"F{p}.{s}.{m}", "G": f"B/I{p}.{s}.{m}", "W": f"B/W{p}.{s}.{m}"}[kind]
+    return f"message {key}" if isinstance(key, Message) else describe(key)
 
 
 def simulate(program: Program, cost: CostModel | None = None) -> SimReport:
@@ -204,13 +189,13 @@ def simulate(program: Program, cost: CostModel | None = None) -> SimReport:
                 _issue_sync(d, op, clock[d], sync_issued)
             else:
                 _check_compute(d, op, ready, sync_issued)
-                needs = _needs(program, op)
-                missing = next((k for k in needs if k not in ready), None)
+                wanted = _local_needs(program, d, op)
+                missing = next((k for k in wanted if k not in ready), None)
                 if missing is not None:
                     waiters[missing].append(d)
                     blocked_on[d] = missing
                     break
-                start = max([clock[d], *(ready[k] for k in needs)])
+                start = max([clock[d], *(ready[k] for k in wanted)])
                 end = start + durations[op.kind][op.stage]
                 clock[d] = compute_end[d] = end
                 busy[d] += end - start
@@ -223,7 +208,7 @@ def simulate(program: Program, cost: CostModel | None = None) -> SimReport:
                 elif op.kind in ("B", "W"):
                     held[d] -= 1
                     held_bytes[d] -= act_bytes[op.stage]
-                for key in _produces(op):
+                for key in provides(op):
                     publish(key, end)
             pos[d] += 1
 
@@ -240,8 +225,7 @@ def simulate(program: Program, cost: CostModel | None = None) -> SimReport:
             step_end[d] = max(step_end[d], end)
 
     cross = {produced_message(program, a) for acts in program.device_actions for a in acts}
-    produced = sum(1 for acts in program.device_actions for a in acts
-                   if (a.kind == "F" and a.stage + 1 < S) or (a.kind in ("B", "I") and a.stage > 0))
+    produced = sum(1 for acts in program.device_actions for a in acts if produced_value(program, a) is not None)
     n_cross = len(cross - {None})
     chunks = [place.chunks(d) for d in range(D)]
     return SimReport(
@@ -266,7 +250,7 @@ def simulate(program: Program, cost: CostModel | None = None) -> SimReport:
 
 def _check_compute(d: int, op: Action, ready: dict, sync_issued: dict) -> None:
     """Refuse an action that repeats work or runs after its chunk's SYNC."""
-    for key in _produces(op):
+    for key in provides(op):
         if key in ready:
             raise ScheduleError(f"{op} on device {d} repeats work already done ({_describe(key)}); "
                                 "each F, B (or I and W) runs once per micro-batch")
