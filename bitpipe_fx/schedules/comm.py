@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bitpipe_fx.schedules.deps import ACTIVATION, INPUT_GRAD, Key, dependents, needs, provides
+from bitpipe_fx.schedules.deps import ACTIVATION, INPUT_GRAD, Key, handoff_stage, needs, provides
 from bitpipe_fx.schedules.ir import Action, Program
 
 _MESSAGE_KIND = {ACTIVATION: "act", INPUT_GRAD: "grad"}  # result kind -> message kind
@@ -52,28 +52,56 @@ class Comm:
 Op = Action | Comm
 
 
+Handoff = tuple[Key, int, int]  # (result, source device, destination device) of a value between two chunks
+Wired = tuple[Action, Handoff | None, Handoff | None]  # an action, the value it takes, the value it hands on
+
+
+def handoffs(program: Program) -> tuple[tuple[Wired, ...], ...]:
+    """Per device, per action: (action, the value it takes from another chunk, the value it hands to one).
+
+    src == dst for a local hand-off. Plain tuples, computed once per program, for the simulator and validator.
+    """
+    table, stages = program.placement.table, program.stages
+    return tuple(
+        tuple((a, _inbound(table, stages, a), _outbound(table, stages, a)) for a in acts)
+        for acts in program.device_actions
+    )
+
+
+def message_of(handoff: Handoff) -> Message:
+    """The message that carries ``handoff``."""
+    (kind, pipe, stage, mb), src, dst = handoff
+    return Message(_MESSAGE_KIND[kind], pipe, stage, mb, src, dst)
+
+
 def produced_value(program: Program, action: Action) -> Message | None:
     """The value ``action`` hands to another chunk (src == dst for a local hand-off), or None."""
-    for key in provides(action):
-        for consumer in dependents(key, program.stages, split=False):
-            if consumer.stage != action.stage:
-                return _value(program, key, consumer.stage)
-    return None
+    handoff = _outbound(program.placement.table, program.stages, action)
+    return None if handoff is None else message_of(handoff)
 
 
 def consumed_value(program: Program, action: Action) -> Message | None:
     """The value ``action`` needs from another chunk (src == dst for a local hand-off), or None."""
-    for key in needs(action, program.stages):
+    handoff = _inbound(program.placement.table, program.stages, action)
+    return None if handoff is None else message_of(handoff)
+
+
+def _inbound(table: tuple[tuple[int, ...], ...], stages: int, action: Action) -> Handoff | None:
+    """The need of ``action`` that another chunk (another stage of its pipe) produces."""
+    for key in needs(action, stages):
         if key[2] != action.stage:
-            return _value(program, key, action.stage)
+            row = table[key[1]]
+            return key, row[key[2]], row[action.stage]
     return None
 
 
-def _value(program: Program, key: Key, dst_stage: int) -> Message:
-    """The message carrying result ``key`` to the chunk of ``dst_stage`` on the same pipe."""
-    kind, pipe, stage, mb = key
-    place = program.placement
-    return Message(_MESSAGE_KIND[kind], pipe, stage, mb, place.device(pipe, stage), place.device(pipe, dst_stage))
+def _outbound(table: tuple[tuple[int, ...], ...], stages: int, action: Action) -> Handoff | None:
+    """The result of ``action`` that another chunk needs."""
+    for key in provides(action):
+        if (dst := handoff_stage(key, stages)) is not None:
+            row = table[key[1]]
+            return key, row[key[2]], row[dst]
+    return None
 
 
 def produced_message(program: Program, action: Action) -> Message | None:
@@ -94,14 +122,14 @@ def lower(program: Program) -> tuple[tuple[Op, ...], ...]:
     The runtime may post receives earlier (it does); the order of sends per device is this one.
     """
     out = []
-    for acts in program.device_actions:
+    for row in handoffs(program):
         ops: list[Op] = []
-        for a in acts:
-            if (m := consumed_message(program, a)) is not None:
-                ops.append(Comm("RECV", m))
+        for a, inbound, outbound in row:
+            if inbound is not None and inbound[1] != inbound[2]:
+                ops.append(Comm("RECV", message_of(inbound)))
             ops.append(a)
-            if (m := produced_message(program, a)) is not None:
-                ops.append(Comm("SEND", m))
+            if outbound is not None and outbound[1] != outbound[2]:
+                ops.append(Comm("SEND", message_of(outbound)))
         out.append(tuple(ops))
     return tuple(out)
 

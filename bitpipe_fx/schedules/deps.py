@@ -47,14 +47,27 @@ def provides(action: Action) -> tuple[Key, ...]:
     return ()
 
 
+def handoff_stage(key: Key, stages: int) -> int | None:
+    """The other stage that needs ``key`` (the next for an activation, the previous for an input gradient), or None."""
+    kind, _, s, _ = key
+    if kind == ACTIVATION:
+        return s + 1 if s + 1 < stages else None
+    if kind == INPUT_GRAD:
+        return s - 1 if s > 0 else None
+    return None
+
+
 def dependents(key: Key, stages: int, split: bool) -> tuple[Action, ...]:
     """The inverse of ``needs``: the actions that need ``key`` (backwards are I and W when ``split``, else B)."""
     kind, p, s, m = key
     backward = "I" if split else "B"
+    other = handoff_stage(key, stages)
     if kind == ACTIVATION:
-        return ((Action("F", p, s + 1, m),) if s + 1 < stages else ()) + (Action(backward, p, s, m),)
+        return ((Action("F", p, other, m),) if other is not None else ()) + (Action(backward, p, s, m),)
     if kind == INPUT_GRAD:
-        return ((Action(backward, p, s - 1, m),) if s > 0 else ()) + ((Action("W", p, s, m),) if split else ())
+        return ((Action(backward, p, other, m),) if other is not None else ()) + (
+            (Action("W", p, s, m),) if split else ()
+        )
     return ()
 
 
