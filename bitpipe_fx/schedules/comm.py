@@ -13,6 +13,7 @@ devices; a V turn (stage D-1 -> D on one device) is a local hand-off.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from bitpipe_fx.schedules.deps import ACTIVATION, INPUT_GRAD, Key, handoff_stage, needs, provides
 from bitpipe_fx.schedules.ir import Action, Program
@@ -56,10 +57,11 @@ Handoff = tuple[Key, int, int]  # (result, source device, destination device) of
 Wired = tuple[Action, Handoff | None, Handoff | None]  # an action, the value it takes, the value it hands on
 
 
+@lru_cache(maxsize=8)  # validate() and simulate() of the same program share one derivation
 def handoffs(program: Program) -> tuple[tuple[Wired, ...], ...]:
     """Per device, per action: (action, the value it takes from another chunk, the value it hands to one).
 
-    src == dst for a local hand-off. Plain tuples, computed once per program, for the simulator and validator.
+    src == dst for a local hand-off. Plain tuples, derived once per program, for the simulator and validator.
     """
     table, stages = program.placement.table, program.stages
     return tuple(
