@@ -1,8 +1,9 @@
 """Derive point-to-point communication from a program and its placement.
 
 This is the one function pair that both the simulator and the runtime use, so what is
-simulated is what runs. A value crosses devices only when producer and consumer chunks
-sit on different devices; a V turn (stage D-1 -> D on one device) is a local hand-off.
+simulated is what runs. The values are the dependency rule's (``deps``) needs that cross
+chunks; a value crosses devices only when producer and consumer chunks sit on different
+devices; a V turn (stage D-1 -> D on one device) is a local hand-off.
 
 - activation of (pipe, stage, mb): produced by F(pipe, stage, mb), consumed by F(pipe, stage+1, mb)
 - gradient of (pipe, stage, mb): produced by B or I(pipe, stage, mb), consumed by
@@ -12,8 +13,12 @@ sit on different devices; a V turn (stage D-1 -> D on one device) is a local han
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
+from bitpipe_fx.schedules.deps import ACTIVATION, INPUT_GRAD, Key, handoff_stage, needs, provides
 from bitpipe_fx.schedules.ir import Action, Program
+
+_MESSAGE_KIND = {ACTIVATION: "act", INPUT_GRAD: "grad"}  # result kind -> message kind
 
 
 @dataclass(frozen=True, order=True)
@@ -48,30 +53,57 @@ class Comm:
 Op = Action | Comm
 
 
+Handoff = tuple[Key, int, int]  # (result, source device, destination device) of a value between two chunks
+Wired = tuple[Action, Handoff | None, Handoff | None]  # an action, the value it takes, the value it hands on
+
+
+@lru_cache(maxsize=8)  # validate() and simulate() of the same program share one derivation
+def handoffs(program: Program) -> tuple[tuple[Wired, ...], ...]:
+    """Per device, per action: (action, the value it takes from another chunk, the value it hands to one).
+
+    src == dst for a local hand-off. Plain tuples, derived once per program, for the simulator and validator.
+    """
+    table, stages = program.placement.table, program.stages
+    return tuple(
+        tuple((a, _inbound(table, stages, a), _outbound(table, stages, a)) for a in acts)
+        for acts in program.device_actions
+    )
+
+
+def message_of(handoff: Handoff) -> Message:
+    """The message that carries ``handoff``."""
+    (kind, pipe, stage, mb), src, dst = handoff
+    return Message(_MESSAGE_KIND[kind], pipe, stage, mb, src, dst)
+
+
 def produced_value(program: Program, action: Action) -> Message | None:
     """The value ``action`` hands to another chunk (src == dst for a local hand-off), or None."""
-    if action.kind == "F" and action.stage + 1 < program.stages:
-        kind, dst_stage = "act", action.stage + 1
-    elif action.kind in ("B", "I") and action.stage > 0:
-        kind, dst_stage = "grad", action.stage - 1
-    else:
-        return None
-    place = program.placement
-    return Message(kind, action.pipe, action.stage, action.microbatch,
-                   place.device(action.pipe, action.stage), place.device(action.pipe, dst_stage))
+    handoff = _outbound(program.placement.table, program.stages, action)
+    return None if handoff is None else message_of(handoff)
 
 
 def consumed_value(program: Program, action: Action) -> Message | None:
     """The value ``action`` needs from another chunk (src == dst for a local hand-off), or None."""
-    if action.kind == "F" and action.stage > 0:
-        kind, src_stage = "act", action.stage - 1
-    elif action.kind in ("B", "I") and action.stage + 1 < program.stages:
-        kind, src_stage = "grad", action.stage + 1
-    else:
-        return None
-    place = program.placement
-    return Message(kind, action.pipe, src_stage, action.microbatch,
-                   place.device(action.pipe, src_stage), place.device(action.pipe, action.stage))
+    handoff = _inbound(program.placement.table, program.stages, action)
+    return None if handoff is None else message_of(handoff)
+
+
+def _inbound(table: tuple[tuple[int, ...], ...], stages: int, action: Action) -> Handoff | None:
+    """The need of ``action`` that another chunk (another stage of its pipe) produces."""
+    for key in needs(action, stages):
+        if key[2] != action.stage:
+            row = table[key[1]]
+            return key, row[key[2]], row[action.stage]
+    return None
+
+
+def _outbound(table: tuple[tuple[int, ...], ...], stages: int, action: Action) -> Handoff | None:
+    """The result of ``action`` that another chunk needs."""
+    for key in provides(action):
+        if (dst := handoff_stage(key, stages)) is not None:
+            row = table[key[1]]
+            return key, row[key[2]], row[dst]
+    return None
 
 
 def produced_message(program: Program, action: Action) -> Message | None:
@@ -92,14 +124,14 @@ def lower(program: Program) -> tuple[tuple[Op, ...], ...]:
     The runtime may post receives earlier (it does); the order of sends per device is this one.
     """
     out = []
-    for acts in program.device_actions:
+    for row in handoffs(program):
         ops: list[Op] = []
-        for a in acts:
-            if (m := consumed_message(program, a)) is not None:
-                ops.append(Comm("RECV", m))
+        for a, inbound, outbound in row:
+            if inbound is not None and inbound[1] != inbound[2]:
+                ops.append(Comm("RECV", message_of(inbound)))
             ops.append(a)
-            if (m := produced_message(program, a)) is not None:
-                ops.append(Comm("SEND", m))
+            if outbound is not None and outbound[1] != outbound[2]:
+                ops.append(Comm("SEND", message_of(outbound)))
         out.append(tuple(ops))
     return tuple(out)
 

@@ -7,14 +7,14 @@ resulting per-device orders are what a generator returns; the timing only serves
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from heapq import heappop, heappush
+from typing import NamedTuple
 
 from bitpipe_fx.errors import ScheduleError
+from bitpipe_fx.schedules.deps import Key, dependents, needs, provides
 from bitpipe_fx.schedules.ir import Action, Placement
-
-Key = tuple[str, int, int, int]  # (kind, pipe, stage, micro-batch); kind "B/I" = an input gradient is ready
 
 
 @dataclass(frozen=True)
@@ -63,8 +63,7 @@ def _at(value: float | tuple[float, ...], stage: int) -> float:
     return value[stage] if isinstance(value, tuple) else value
 
 
-@dataclass(frozen=True)
-class Timed:
+class Timed(NamedTuple):
     """An action with its start and end in the list schedule's simulated time."""
 
     start: float
@@ -74,7 +73,7 @@ class Timed:
 
 @dataclass
 class State:
-    """What priority and admission rules may look at: the time, and the end of everything started so far."""
+    """What priority and admission rules may look at: the time, and when each started result (deps key) is ready."""
 
     time: float = 0.0
     done: dict[Key, float] = field(default_factory=dict)
@@ -88,26 +87,48 @@ Priority = Callable[[Action, float], tuple]  # (action, ready time) -> sort key,
 Admit = Callable[[Action, State], bool]  # may this (forward) action start now?
 
 
-def deps(action: Action, stages: int) -> tuple[Key, ...]:
-    """What must have finished before ``action`` may start."""
-    p, s, m = action.pipe, action.stage, action.microbatch
-    if action.kind == "F":
-        return (("F", p, s - 1, m),) if s > 0 else ()
-    if action.kind in ("B", "I"):
-        return (("F", p, s, m),) + ((("B/I", p, s + 1, m),) if s + 1 < stages else ())
-    return (("I", p, s, m),)
+class _Ready:
+    """One device's candidates whose inputs are ready: a heap by (priority, action), and its W's by age.
 
+    Entries carry a shared ``alive`` cell so that a W taken through one heap is skipped in the other.
+    """
 
-def _dependents(key: Key, stages: int, back: tuple[str, ...]) -> list[Action]:
-    kind, p, s, m = key
-    if kind == "F":
-        nxt = [Action("F", p, s + 1, m)] if s + 1 < stages else []
-        return [*nxt, Action(back[0], p, s, m)]
-    if kind == "B/I":
-        return [Action(back[0], p, s - 1, m)] if s > 0 else []
-    if kind == "I":
-        return [Action("W", p, s, m)]
-    return []
+    def __init__(self) -> None:
+        self.heap: list[tuple[tuple, Action, list[bool]]] = []
+        self.w_heap: list[tuple[float, Action, list[bool]]] = []
+        self.w_count = 0
+
+    def add(self, action: Action, at: float, priority: Priority) -> None:
+        alive = [True]
+        heappush(self.heap, (priority(action, at), action, alive))
+        if action.kind == "W":
+            heappush(self.w_heap, (at, action, alive))
+            self.w_count += 1
+
+    def take(self, admit: Admit | None, state: State, max_deferred_w: int | None) -> Action | None:
+        """The best admitted candidate (or, with ``max_deferred_w`` ready W's, the oldest W), or None."""
+        heap, refused, best = self.heap, [], None
+        while heap:
+            entry = heappop(heap)
+            if not entry[2][0]:
+                continue
+            if admit is None or admit(entry[1], state):
+                best = entry
+                break
+            refused.append(entry)
+        for entry in refused:
+            heappush(heap, entry)
+        if best is None:
+            return None
+        if max_deferred_w is not None and self.w_count >= max_deferred_w:
+            heappush(heap, best)
+            best = heappop(self.w_heap)
+            while not best[2][0]:
+                best = heappop(self.w_heap)
+        best[2][0] = False
+        if best[1].kind == "W":
+            self.w_count -= 1
+        return best[1]
 
 
 def list_schedule(
@@ -121,90 +142,104 @@ def list_schedule(
 ) -> tuple[tuple[Timed, ...], ...]:
     """Per-device timed orders of a greedy list schedule of every micro-batch's F and B (or I and W).
 
-    With ``max_deferred_w``, a device that holds that many ready W actions runs the oldest one next, which
-    bounds the activations kept alive by deferred weight-gradient work.
+    At every event time each free device starts its smallest ready ``(priority, action)`` that ``admit``
+    lets in. With ``max_deferred_w``, a device that holds that many ready W actions runs the oldest one
+    next, which bounds the activations kept alive by deferred weight-gradient work.
     """
-    stages, devices = placement.stages, placement.devices
+    stages, devices, table = placement.stages, placement.devices, placement.table
     costs.check_stages(stages)
-    back = ("I", "W") if split else ("B",)
+    duration = {k: tuple(costs.of(k, s) for s in range(stages)) for k in ("F", "B", "I", "W")}
     state = State()
-    candidates: list[dict[Action, float]] = [{} for _ in range(devices)]  # all inputs started -> ready time
-    for m, p in enumerate(pipe_of):
-        candidates[placement.device(p, 0)][Action("F", p, 0, m)] = 0.0
-    remaining = len(pipe_of) * stages * (1 + len(back))
+    done = state.done
+    ready = [_Ready() for _ in range(devices)]
+    # candidates whose inputs are all started, by the time the last one ends (always an event time)
+    later: dict[float, list[Action]] = {0.0: [Action("F", p, 0, m) for m, p in enumerate(pipe_of)]}
+    remaining = len(pipe_of) * stages * (3 if split else 2)
     free = [0.0] * devices
     orders: list[list[Timed]] = [[] for _ in range(devices)]
-    events = [0.0]
+    events, pending = [0.0], {0.0}  # future event times, as a heap and as a set
     while remaining:
         if not events:
             raise ScheduleError(
                 f"list scheduling stalled with {remaining} actions left: the admission rule never lets "
                 "the remaining forwards start; relax it"
             )
-        now = heapq.heappop(events)
-        while events and events[0] <= now:
-            heapq.heappop(events)
+        now = heappop(events)
+        pending.discard(now)
         state.time = now
+        for a in later.pop(now, ()):
+            ready[table[a.pipe][a.stage]].add(a, now, priority)
         for d in range(devices):
-            if free[d] > now or not candidates[d]:
+            if free[d] > now or not ready[d].heap:
                 continue
-            ready = [
-                (priority(a, at), a)
-                for a, at in candidates[d].items()
-                if at <= now and (admit is None or admit(a, state))
-            ]
-            if not ready:
+            a = ready[d].take(admit, state, max_deferred_w)
+            if a is None:
                 continue
-            waiting_w = [(at, a) for a, at in candidates[d].items() if a.kind == "W" and at <= now]
-            if max_deferred_w is not None and len(waiting_w) >= max_deferred_w:
-                a = min(waiting_w)[1]
-            else:
-                a = min(ready)[1]
-            del candidates[d][a]
             remaining -= 1
-            free[d] = now + costs.of(a.kind, a.stage)
-            heapq.heappush(events, free[d])
-            orders[d].append(Timed(now, free[d], a))
-            keys = [(a.kind, a.pipe, a.stage, a.microbatch)] + ([("B/I", a.pipe, a.stage, a.microbatch)]
-                                                                if a.kind in ("B", "I") else [])
-            for key in keys:
-                state.done[key] = free[d]
-                for nxt in _dependents(key, stages, back):
-                    need = deps(nxt, stages)
-                    if all(k in state.done for k in need):
-                        at = max(state.done[k] for k in need)
-                        candidates[placement.device(nxt.pipe, nxt.stage)][nxt] = at
-                        heapq.heappush(events, at)
+            end = free[d] = now + duration[a.kind][a.stage]
+            orders[d].append(Timed(now, end, a))
+            times = [end]
+            for key in provides(a):
+                done[key] = end
+                for nxt in dependents(key, stages, split):
+                    at = _ready_time(needs(nxt, stages), done)
+                    if at is None:
+                        continue
+                    times.append(at)
+                    if at <= now:
+                        ready[table[nxt.pipe][nxt.stage]].add(nxt, at, priority)
+                    else:
+                        later.setdefault(at, []).append(nxt)
+            for at in times:
+                if at not in pending:
+                    pending.add(at)
+                    heappush(events, at)
     return tuple(tuple(o) for o in orders)
 
 
-def actions_of(timed: Sequence[Timed]) -> list[Action]:
-    """The order of a timed device list."""
-    return [t.action for t in timed]
+def _ready_time(need: tuple[Key, ...], done: dict[Key, float]) -> float | None:
+    """When the last of ``need`` ends (``max`` of their ends), or None while one is not started."""
+    at = None
+    for key in need:
+        end = done.get(key)
+        if end is None:
+            return None
+        if at is None or end > at:
+            at = end
+    return at
 
 
 def makespan(placement: Placement, orders: Sequence[Sequence[Action]], costs: UnitCosts) -> float:
     """Finish time of fixed per-device orders replayed with ``costs`` (free communication)."""
     stages = placement.stages
     costs.check_stages(stages)
+    duration = {k: tuple(costs.of(k, s) for s in range(stages)) for k in ("F", "B", "I", "W")}
     done: dict[Key, float] = {}
+    waiting: dict[Key, list[int]] = {}  # a missing result -> the devices blocked on it
     pos = [0] * len(orders)
     free = [0.0] * len(orders)
-    progress = True
-    while progress:
-        progress = False
-        for d, order in enumerate(orders):
-            while pos[d] < len(order):
-                a = order[pos[d]]
-                need = deps(a, stages)
-                if not all(k in done for k in need):
+    runnable = list(range(len(orders)))
+    while runnable:
+        d = runnable.pop()
+        order = orders[d]
+        while pos[d] < len(order):
+            a = order[pos[d]]
+            start = free[d]
+            for key in needs(a, stages):
+                end = done.get(key)
+                if end is None:
+                    waiting.setdefault(key, []).append(d)
                     break
-                free[d] = max([free[d], *(done[k] for k in need)]) + costs.of(a.kind, a.stage)
-                done[(a.kind, a.pipe, a.stage, a.microbatch)] = free[d]
-                if a.kind in ("B", "I"):
-                    done[("B/I", a.pipe, a.stage, a.microbatch)] = free[d]
+                if end > start:
+                    start = end
+            else:
+                free[d] = start + duration[a.kind][a.stage]
+                for key in provides(a):
+                    done[key] = free[d]
+                    runnable.extend(waiting.pop(key, ()))
                 pos[d] += 1
-                progress = True
+                continue
+            break
     if any(p < len(o) for p, o in zip(pos, orders)):
         raise ScheduleError("cannot time these orders: they deadlock; run validate() on the program for details")
     return max(free, default=0.0)

@@ -1,9 +1,10 @@
 """Check that a program is a correct, deadlock-free pipeline schedule.
 
 Two passes: a structural one (every action once, on its owner, for its micro-batch's pipe, every chunk
-synced after its last backward) and a symbolic execution of the lowered program (``comm.lower``) with
-non-blocking sends and blocking receives, which finds dependency violations and deadlocks. Failures raise
-ScheduleError with a device x step grid that marks the offending actions.
+synced after its last backward) and a symbolic execution of the program with its cross-device values
+(``comm.handoffs``, in ``comm.lower``'s order) as non-blocking sends and blocking receives, which finds
+dependency violations and deadlocks. Failures raise ScheduleError with a device x step grid that marks the
+offending actions.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from bitpipe_fx.errors import ScheduleError
-from bitpipe_fx.schedules.comm import Comm, lower
+from bitpipe_fx.schedules.comm import Handoff, Wired, handoffs, message_of
+from bitpipe_fx.schedules.deps import Key, describe, needs, provides
 from bitpipe_fx.schedules.ir import Action, Program
 
 Mark = tuple[int, int]  # (device, step); step == len(actions) means "missing, should be on this device"
@@ -39,55 +41,62 @@ def validate(program: Program) -> None:
 # ---- structure ----------------------------------------------------------------------------------
 
 
+Seen = dict[tuple[str, int, int, int], Mark]  # (kind, pipe, stage, micro-batch) of each action -> where it is
+
+
 def _structure_problems(program: Program) -> list[tuple[Mark, str]]:
-    place, n = program.placement, program.microbatches
+    table, pipe_of = program.placement.table, program.pipe_of
+    n, pipes, stages = program.microbatches, program.pipes, program.stages
     problems: list[tuple[Mark, str]] = []
-    bad_pipes = [m for m, p in enumerate(program.pipe_of) if not 0 <= p < program.pipes]
+    bad_pipes = [m for m, p in enumerate(pipe_of) if not 0 <= p < pipes]
     if bad_pipes:
-        problems.append(((0, 0), f"pipe_of names pipes outside 0..{program.pipes - 1} for micro-batches {bad_pipes}"))
+        problems.append(((0, 0), f"pipe_of names pipes outside 0..{pipes - 1} for micro-batches {bad_pipes}"))
         return problems
-    seen: dict[Action, Mark] = {}
+    seen: Seen = {}
     for d, acts in enumerate(program.device_actions):
         for i, a in enumerate(acts):
-            where = (d, i)
-            if not (0 <= a.pipe < program.pipes and 0 <= a.stage < program.stages):
+            where, key = (d, i), (a.kind, a.pipe, a.stage, a.microbatch)
+            if not (0 <= a.pipe < pipes and 0 <= a.stage < stages):
                 problems.append((where, f"{a} on dev{d}: no chunk (pipe {a.pipe}, stage {a.stage}) in the placement"))
                 continue
             if a.kind != "SYNC" and not 0 <= a.microbatch < n:
                 problems.append((where, f"{a} on dev{d}: micro-batch {a.microbatch} outside 0..{n - 1}"))
                 continue
-            owner = place.device(a.pipe, a.stage)
+            owner = table[a.pipe][a.stage]
             if owner != d:
                 problems.append((where, f"{a} runs on dev{d} but chunk ({a.pipe}, {a.stage}) is placed on dev{owner}"))
-            elif a.kind != "SYNC" and program.pipe_of[a.microbatch] != a.pipe:
-                problems.append(
-                    (where, f"{a} on dev{d}: micro-batch {a.microbatch} travels pipe {program.pipe_of[a.microbatch]}")
-                )
-            elif a in seen:
-                problems.append((where, f"{a} on dev{d} step {i} duplicates step {seen[a][1]} of dev{seen[a][0]}"))
+            elif a.kind != "SYNC" and pipe_of[a.microbatch] != a.pipe:
+                travels = pipe_of[a.microbatch]
+                problems.append((where, f"{a} on dev{d}: micro-batch {a.microbatch} travels pipe {travels}"))
+            elif key in seen:
+                problems.append((where, f"{a} on dev{d} step {i} duplicates step {seen[key][1]} of dev{seen[key][0]}"))
             else:
-                seen[a] = where
+                seen[key] = where
     if problems:
         return problems
-    for m, p in enumerate(program.pipe_of):
-        for s in range(program.stages):
+    for m, p in enumerate(pipe_of):
+        for s in range(stages):
             problems += _missing(program, seen, p, s, m)
     for d in range(program.devices):
-        for chunk in place.chunks(d):
-            problems += _sync_problems(program, seen, d, chunk)
+        last = _last_backwards(program.actions(d))
+        for chunk in program.placement.chunks(d):
+            problems += _sync_problems(program, seen, d, chunk, last.get(chunk))
     return problems
 
 
-def _missing(program: Program, seen: dict[Action, Mark], p: int, s: int, m: int) -> list[tuple[Mark, str]]:
+def _missing(program: Program, seen: Seen, p: int, s: int, m: int) -> list[tuple[Mark, str]]:
+    has = [(k, p, s, m) in seen for k in ("F", "B", "I", "W")]
+    if has in ([True, True, False, False], [True, False, True, True]):
+        return []  # F and B, or F, I and W: the common case, decided before any message is built
     owner = program.placement.device(p, s)
     end = (owner, len(program.actions(owner)))
     out = []
-    if Action("F", p, s, m) not in seen:
+    if ("F", p, s, m) not in seen:
         out.append((end, f"F{p}.{s}.{m} is missing on dev{owner}"))
-    has_b = Action("B", p, s, m) in seen
-    split = [k for k in ("I", "W") if Action(k, p, s, m) in seen]
+    has_b = ("B", p, s, m) in seen
+    split = [k for k in ("I", "W") if (k, p, s, m) in seen]
     if has_b and split:
-        other = seen[Action(split[0], p, s, m)]
+        other = seen[(split[0], p, s, m)]
         out.append((other, f"micro-batch {m} of chunk ({p}, {s}) runs both B and {split[0]}: use B, or I and W"))
     elif not has_b and not split:
         out.append((end, f"backward of chunk ({p}, {s}) for micro-batch {m} is missing on dev{owner} (B, or I and W)"))
@@ -97,79 +106,72 @@ def _missing(program: Program, seen: dict[Action, Mark], p: int, s: int, m: int)
     return out
 
 
-def _sync_problems(program: Program, seen: dict[Action, Mark], d: int, chunk: tuple[int, int]) -> list:
+def _last_backwards(acts: tuple[Action, ...]) -> dict[tuple[int, int], int]:
+    """(pipe, stage) -> step of the chunk's last B or W on this device."""
+    return {(a.pipe, a.stage): i for i, a in enumerate(acts) if a.kind in ("B", "W")}
+
+
+def _sync_problems(program: Program, seen: Seen, d: int, chunk: tuple[int, int], last: int | None) -> list:
     p, s = chunk
-    sync = seen.get(Action("SYNC", p, s))
+    sync = seen.get(("SYNC", p, s, -1))
     if sync is None:
         return [((d, len(program.actions(d))), f"SYNC{p}.{s} is missing on dev{d} (one per chunk, after its backward)")]
-    acts = program.actions(d)
-    late = [i for i, a in enumerate(acts) if a.chunk == chunk and a.kind in ("B", "W") and i > sync[1]]
-    if late:
-        return [(sync, f"SYNC{p}.{s} on dev{d} at step {sync[1]} comes before backward {acts[late[-1]]} (step "
-                       f"{late[-1]}); move it after the chunk's last B/W")]
+    if last is not None and last > sync[1]:
+        return [(sync, f"SYNC{p}.{s} on dev{d} at step {sync[1]} comes before backward {program.actions(d)[last]} "
+                       f"(step {last}); move it after the chunk's last B/W")]
     return []
 
 
 # ---- symbolic execution of the lowered program ---------------------------------------------------
 
 
-Dep = tuple[str, int, int, int]  # (kind, pipe, stage, micro-batch); kind "B/I" = the input gradient from B or I
-
-
-def _deps(program: Program, a: Action) -> tuple[Dep, ...]:
-    """What must have run before ``a`` may start (the input gradient may come from B or from I)."""
-    p, s, m = a.pipe, a.stage, a.microbatch
-    if a.kind == "F":
-        return (("F", p, s - 1, m),) if s > 0 else ()
-    if a.kind in ("B", "I"):
-        return (("F", p, s, m),) + ((("B/I", p, s + 1, m),) if s + 1 < program.stages else ())
-    if a.kind == "W":
-        return (("I", p, s, m),)
-    return ()
-
-
 def _execution_problems(program: Program) -> list[tuple[Mark, str]]:
-    ops = lower(program)
-    pos = [0] * program.devices  # next lowered op per device
+    wiring = handoffs(program)
     step = [0] * program.devices  # next program action per device
-    sent: set = set()
-    done: set[Dep] = set()
-    progress = True
-    while progress:
-        progress = False
-        for d, dev_ops in enumerate(ops):
-            while pos[d] < len(dev_ops):
-                op = dev_ops[pos[d]]
-                if isinstance(op, Comm):
-                    if op.op == "RECV" and op.message not in sent:
-                        break
-                    sent.add(op.message)
-                elif all(dep in done for dep in _deps(program, op)):
-                    done.add((op.kind, op.pipe, op.stage, op.microbatch))
-                    if op.kind in ("B", "I"):
-                        done.add(("B/I", op.pipe, op.stage, op.microbatch))
-                    step[d] += 1
-                else:
-                    break
-                pos[d] += 1
-                progress = True
+    sent: set[Key] = set()  # results whose cross-device message has been sent
+    done: set[Key] = set()
+    waiting: dict[tuple[bool, Key], list[int]] = {}  # (a message?, result) -> devices blocked on it
+    runnable = list(range(program.devices))
+    while runnable:
+        d = runnable.pop()
+        row = wiring[d]
+        while step[d] < len(row):
+            a, inbound, outbound = row[step[d]]
+            if _crosses(inbound) and inbound[0] not in sent:
+                waiting.setdefault((True, inbound[0]), []).append(d)
+                break
+            missing = next((k for k in needs(a, program.stages) if k not in done), None)
+            if missing is not None:
+                waiting.setdefault((False, missing), []).append(d)
+                break
+            for key in provides(a):
+                done.add(key)
+                runnable.extend(waiting.pop((False, key), ()))
+            if _crosses(outbound):
+                sent.add(outbound[0])
+                runnable.extend(waiting.pop((True, outbound[0]), ()))
+            step[d] += 1
     return [
-        ((d, step[d]), _stuck_reason(program, ops[d][pos[d]], d, done))
+        ((d, step[d]), _stuck_reason(program, wiring[d][step[d]], d, done, sent))
         for d in range(program.devices)
-        if pos[d] < len(ops[d])
+        if step[d] < len(wiring[d])
     ]
 
 
-def _stuck_reason(program: Program, op: Action | Comm, d: int, done: set[Dep]) -> str:
-    if isinstance(op, Comm):
-        msg = op.message
+def _crosses(handoff: Handoff | None) -> bool:
+    return handoff is not None and handoff[1] != handoff[2]
+
+
+def _stuck_reason(program: Program, wired: Wired, d: int, done: set[Key], sent: set[Key]) -> str:
+    op, inbound, _ = wired
+    if _crosses(inbound) and inbound[0] not in sent:
+        msg = message_of(inbound)
         return f"dev{d} blocks receiving {msg.kind}{msg.pipe}.{msg.stage}.{msg.microbatch} from dev{msg.src}"
     waiting = []
-    for dep in _deps(program, op):
-        if dep not in done:
-            kind, p, s, m = dep
-            owner = program.placement.device(p, s)
-            waiting.append(f"{kind}{p}.{s}.{m} (dev{owner}{', later on this device' if owner == d else ''})")
+    for key in needs(op, program.stages):
+        if key not in done:
+            owner = program.placement.device(key[1], key[2])
+            waiting.append(f"{describe(key)} (dev{owner}{', later on this device' if owner == d else ''})")
     return f"dev{d} cannot run {op}: it needs {', '.join(waiting)}"
 
 

@@ -17,7 +17,8 @@ from bitpipe_fx.errors import BitPipeError, ConfigError
 from bitpipe_fx.schedules import SCHEDULES, generate, validate
 from bitpipe_fx.schedules.spec import ScheduleSpec, make_spec, parse_spec, split_specs
 from bitpipe_fx.sim.cost import CostModel
-from bitpipe_fx.sim.engine import SimReport, simulate
+from bitpipe_fx.sim.engine import simulate
+from bitpipe_fx.sim.report import SimReport
 from bitpipe_fx.sim.trace import write_chrome_trace
 
 REFERENCE = "1f1b"

@@ -1,7 +1,8 @@
 """Event-driven replay of a Program under a CostModel.
 
 Semantics (the runtime's, idealised):
-- each device runs its lowered op list (``comm.lower``) in order, one compute at a time;
+- each device runs its actions in order, one compute at a time, each cross-device value (``comm.handoffs``)
+  received right before its consumer and sent right after its producer (``comm.lower``'s order);
 - a SEND costs the sender nothing and the message arrives ``p2p_latency + bytes/p2p_bandwidth`` later;
   a RECV blocks its device until the message has arrived; links have no contention;
 - a local hand-off (producer and consumer chunk on one device) is free and needs only program order;
@@ -12,139 +13,50 @@ Semantics (the runtime's, idealised):
 
 from __future__ import annotations
 
-from collections import defaultdict, deque
-from dataclasses import dataclass
+from collections import deque
 
 from bitpipe_fx.errors import ScheduleError
-from bitpipe_fx.schedules.comm import Comm, Message, consumed_message, lower, produced_message
+from bitpipe_fx.schedules.comm import Handoff, Wired, handoffs, message_of
+from bitpipe_fx.schedules.deps import ACTIVATION, Key, describe, needs, provides
 from bitpipe_fx.schedules.ir import COMPUTE_KINDS, Action, Program
 from bitpipe_fx.sim.cost import CostModel
-from bitpipe_fx.sim.trace import TraceEvent
+from bitpipe_fx.sim.report import SimReport, Span
 
-# dependency keys: ("F", p, s, m) activation of a forward, ("G", p, s, m) input gradient (B or I),
-# ("W", p, s, m) weight gradient (B or W), or a Message (arrival of a cross-device send)
-Key = tuple | Message
-
-
-@dataclass(frozen=True)
-class SimReport:
-    """What one simulated step looks like; per-device values are tuples indexed by device.
-
-    Activations: one unit is one (stage, micro-batch) forward whose stored activations are still held;
-    it is counted from its F until the backward that frees it: B, or W when the backward is split
-    (I leaves what W needs). ``peak_activation_bytes`` weighs each unit with that stage's
-    ``activation_bytes`` (its output size per micro-batch), a proxy for the stored tensors.
-    """
-
-    name: str
-    devices: int
-    stages: int
-    microbatches: int
-    makespan: float
-    busy_times: tuple[float, ...]
-    compute_end: tuple[float, ...]  # end of each device's last compute
-    step_end: tuple[float, ...]  # compute_end, or later when an all-reduce finishes after it
-    peak_activation_units: tuple[int, ...]
-    peak_activation_byte_counts: tuple[float, ...]
-    weight_chunks: tuple[int, ...]
-    weight_byte_counts: tuple[float, ...]
-    messages_cross: int  # cross-device messages (each one SEND/RECV pair)
-    local_handoffs: int  # producer -> consumer pairs on one device (no message)
-    bytes_moved: float  # bytes of all cross-device messages
-    events: tuple[TraceEvent, ...]
-
-    def busy(self, device: int) -> float:
-        """Compute time of ``device`` (F, B, I, W)."""
-        return self.busy_times[device]
-
-    def idle(self, device: int) -> float:
-        """makespan - busy(device): waiting, including exposed all-reduce and the tail after its step ends."""
-        return self.makespan - self.busy_times[device]
-
-    def peak_activations(self, device: int) -> int:
-        """Most (stage, micro-batch) activation sets held at once on ``device``."""
-        return self.peak_activation_units[device]
-
-    def peak_activation_bytes(self, device: int) -> float:
-        return self.peak_activation_byte_counts[device]
-
-    def weight_copies(self, device: int) -> int:
-        """Number of (pipe, stage) chunks ``device`` holds."""
-        return self.weight_chunks[device]
-
-    def weight_bytes(self, device: int) -> float:
-        return self.weight_byte_counts[device]
-
-    def exposed_allreduce_on(self, device: int) -> float:
-        """All-reduce time of ``device`` left after its last compute."""
-        return self.step_end[device] - self.compute_end[device]
-
-    @property
-    def exposed_allreduce(self) -> float:
-        """Max over devices of the all-reduce time left after the device's last compute."""
-        return max(self.exposed_allreduce_on(d) for d in range(self.devices))
-
-    @property
-    def bubble_ratio(self) -> float:
-        """Mean over devices of idle/makespan (the published 1F1B convention: (D-1)/(N+D-1))."""
-        if self.makespan == 0:
-            return 0.0
-        return sum(self.idle(d) for d in range(self.devices)) / (self.devices * self.makespan)
-
-    @property
-    def bubble_over_ideal(self) -> float:
-        """Total idle over total busy time: the bubble relative to the ideal (bubble-free) step."""
-        busy = sum(self.busy_times)
-        return sum(self.idle(d) for d in range(self.devices)) / busy if busy else 0.0
-
-    def summary_row(self) -> dict:
-        """One flat row for comparison tables (maxima over devices where per-device)."""
-        return {
-            "schedule": self.name,
-            "devices": self.devices,
-            "stages": self.stages,
-            "microbatches": self.microbatches,
-            "makespan": self.makespan,
-            "bubble_ratio": self.bubble_ratio,
-            "bubble_over_ideal": self.bubble_over_ideal,
-            "peak_activations": max(self.peak_activation_units),
-            "peak_activation_bytes": max(self.peak_activation_byte_counts),
-            "weight_copies": max(self.weight_chunks),
-            "weight_bytes": max(self.weight_byte_counts),
-            "messages_cross": self.messages_cross,
-            "local_handoffs": self.local_handoffs,
-            "bytes_moved": self.bytes_moved,
-            "exposed_allreduce": self.exposed_allreduce,
-        }
+Wait = tuple[Key, Handoff | None]  # what a device waits for: a local result (None), or the arrival of a message
+# one action, prepared: (action, local needs, value received from another device, results, value sent to another
+# device, compute time, bytes sent, send-to-arrival time)
+Step = tuple[Action, tuple[Key, ...], Handoff | None, tuple[Key, ...], Handoff | None, float, float, float]
 
 
-def _needs(program: Program, action: Action) -> list[Key]:
-    """Local dependencies of a compute action (cross-device ones are the RECV before it)."""
-    p, s, m = action.pipe, action.stage, action.microbatch
-    if action.kind == "F":
-        return [("F", p, s - 1, m)] if s > 0 and consumed_message(program, action) is None else []
-    if action.kind in ("B", "I"):
-        local_grad = s + 1 < program.stages and consumed_message(program, action) is None
-        return [("F", p, s, m), *([("G", p, s + 1, m)] if local_grad else [])]
-    return [("G", p, s, m)]  # W
-
-
-def _produces(action: Action) -> list[tuple]:
-    p, s, m = action.pipe, action.stage, action.microbatch
-    return {"F": [("F", p, s, m)], "B": [("G", p, s, m), ("W", p, s, m)], "I": [("G", p, s, m)],
-            "W": [("W", p, s, m)]}[action.kind]
-
-
-def _message_bytes(msg: Message, act_bytes: tuple[float, ...]) -> float:
+def _value_bytes(key: Key, act_bytes: tuple[float, ...]) -> float:
     """An activation of stage s has stage s's output size; a gradient from stage s, stage s-1's output size."""
-    return act_bytes[msg.stage] if msg.kind == "act" else act_bytes[msg.stage - 1]
+    return act_bytes[key[2]] if key[0] == ACTIVATION else act_bytes[key[2] - 1]
 
 
-def _describe(key: Key) -> str:
-    if isinstance(key, Message):
-        return f"message {key}"
-    kind, p, s, m = key
-    return {"F": f"F{p}.{s}.{m}", "G": f"B/I{p}.{s}.{m}", "W": f"B/W{p}.{s}.{m}"}[kind]
+def _steps(
+    program: Program, wiring: tuple[tuple[Wired, ...], ...], cost: CostModel, act_bytes: tuple[float, ...]
+) -> list[list[Step]]:
+    """Every device's actions with what they wait for and send (``wiring`` = ``comm.handoffs(program)``)."""
+    S = program.stages
+    durations = {k: tuple(cost.compute_time(k, s, S) for s in range(S)) for k in COMPUTE_KINDS}
+    out = []
+    for row in wiring:
+        steps = []
+        for a, inbound, outbound in row:
+            recv = inbound if inbound is not None and inbound[1] != inbound[2] else None
+            send = outbound if outbound is not None and outbound[1] != outbound[2] else None
+            local = tuple(k for k in needs(a, S) if recv is None or k != recv[0])
+            duration = durations[a.kind][a.stage] if a.kind != "SYNC" else 0.0
+            nbytes = _value_bytes(send[0], act_bytes) if send is not None else 0.0
+            delay = cost.p2p_time(nbytes) if send is not None else 0.0
+            steps.append((a, local, recv, provides(a), send, duration, nbytes, delay))
+        out.append(steps)
+    return out
+
+
+def _describe(wait: Wait) -> str:
+    key, message = wait
+    return describe(key) if message is None else f"message {message_of(message)}"
 
 
 def simulate(program: Program, cost: CostModel | None = None) -> SimReport:
@@ -154,7 +66,6 @@ def simulate(program: Program, cost: CostModel | None = None) -> SimReport:
     place = program.placement
     act_bytes = cost.per_stage("activation_bytes", S)
     param_bytes = cost.per_stage("param_bytes", S)
-    durations = {k: tuple(cost.compute_time(k, s, S) for s in range(S)) for k in COMPUTE_KINDS}
     for d, acts in enumerate(program.device_actions):
         for a in acts:
             if not (0 <= a.pipe < program.pipes and 0 <= a.stage < S):
@@ -163,72 +74,76 @@ def simulate(program: Program, cost: CostModel | None = None) -> SimReport:
             if (owner := place.device(a.pipe, a.stage)) != d:
                 raise ScheduleError(f"{a} is on device {d} but the placement puts ({a.pipe}, {a.stage}) on "
                                     f"device {owner}; move it there")
-    ops = lower(program)
+    wiring = handoffs(program)
+    steps = _steps(program, wiring, cost, act_bytes)
 
-    ready: dict[Key, float] = {}
-    waiters: dict[Key, list[int]] = defaultdict(list)
-    blocked_on: dict[int, Key] = {}
+    ready: dict[Key, float] = {}  # a local result -> when its action ended
+    arrived: dict[Key, float] = {}  # a cross-device value -> when it reached its destination
+    waiters: dict[Wait, list[int]] = {}
+    blocked_on: dict[int, Wait] = {}
     pos, clock, busy, compute_end = [0] * D, [0.0] * D, [0.0] * D, [0.0] * D
     held, peak, held_bytes, peak_bytes = [0] * D, [0] * D, [0.0] * D, [0.0] * D
     sync_issued: dict[tuple[int, int], tuple[int, float]] = {}
-    events: list[TraceEvent] = []
+    spans: list[Span] = []
     bytes_moved = 0.0
     n_messages = 0
     queue = deque(range(D))
 
-    def publish(key: Key, t: float) -> None:
-        ready[key] = t
-        for d in waiters.pop(key, ()):
+    def wake(wait: Wait) -> None:
+        for d in waiters.pop(wait, ()):
             blocked_on.pop(d, None)
             queue.append(d)
 
+    def block(d: int, wait: Wait) -> None:
+        waiters.setdefault(wait, []).append(d)
+        blocked_on[d] = wait
+
     while queue:
         d = queue.popleft()
-        while pos[d] < len(ops[d]):
-            op = ops[d][pos[d]]
-            if isinstance(op, Comm) and op.op == "SEND":
-                nbytes = _message_bytes(op.message, act_bytes)
-                arrival = clock[d] + cost.p2p_time(nbytes)
-                events.append(TraceEvent(d, str(op.message), "SEND", op.message.pipe, op.message.stage,
-                                         op.message.microbatch, clock[d], arrival))
+        row = steps[d]
+        while pos[d] < len(row):
+            op, local, recv, results, send, duration, nbytes, delay = row[pos[d]]
+            if op.kind == "SYNC":
+                _issue_sync(d, op, clock[d], sync_issued)
+                pos[d] += 1
+                continue
+            if recv is not None:
+                if recv[0] not in arrived:
+                    block(d, (recv[0], recv))
+                    break
+                clock[d] = max(clock[d], arrived[recv[0]])
+            _check_compute(d, op, results, ready, sync_issued)
+            missing = next((k for k in local if k not in ready), None)
+            if missing is not None:
+                block(d, (missing, None))
+                break
+            start = max([clock[d], *(ready[k] for k in local)])
+            end = start + duration
+            clock[d] = compute_end[d] = end
+            busy[d] += end - start
+            spans.append((d, start, end, op))
+            if op.kind == "F":
+                held[d] += 1
+                held_bytes[d] += act_bytes[op.stage]
+                peak[d] = max(peak[d], held[d])
+                peak_bytes[d] = max(peak_bytes[d], held_bytes[d])
+            elif op.kind in ("B", "W"):
+                held[d] -= 1
+                held_bytes[d] -= act_bytes[op.stage]
+            for key in results:
+                ready[key] = end
+                wake((key, None))
+            if send is not None:
+                arrival = end + delay
+                spans.append((d, end, arrival, send))
                 bytes_moved += nbytes
                 n_messages += 1
-                publish(op.message, arrival)
-            elif isinstance(op, Comm):  # RECV
-                if op.message not in ready:
-                    waiters[op.message].append(d)
-                    blocked_on[d] = op.message
-                    break
-                clock[d] = max(clock[d], ready[op.message])
-            elif op.kind == "SYNC":
-                _issue_sync(d, op, clock[d], sync_issued)
-            else:
-                _check_compute(d, op, ready, sync_issued)
-                needs = _needs(program, op)
-                missing = next((k for k in needs if k not in ready), None)
-                if missing is not None:
-                    waiters[missing].append(d)
-                    blocked_on[d] = missing
-                    break
-                start = max([clock[d], *(ready[k] for k in needs)])
-                end = start + durations[op.kind][op.stage]
-                clock[d] = compute_end[d] = end
-                busy[d] += end - start
-                events.append(TraceEvent(d, str(op), op.kind, op.pipe, op.stage, op.microbatch, start, end))
-                if op.kind == "F":
-                    held[d] += 1
-                    held_bytes[d] += act_bytes[op.stage]
-                    peak[d] = max(peak[d], held[d])
-                    peak_bytes[d] = max(peak_bytes[d], held_bytes[d])
-                elif op.kind in ("B", "W"):
-                    held[d] -= 1
-                    held_bytes[d] -= act_bytes[op.stage]
-                for key in _produces(op):
-                    publish(key, end)
+                arrived[send[0]] = arrival
+                wake((send[0], send))
             pos[d] += 1
 
-    if any(pos[d] < len(ops[d]) for d in range(D)):
-        raise ScheduleError(_deadlock_message(program, ops, pos, blocked_on))
+    if any(pos[d] < len(steps[d]) for d in range(D)):
+        raise ScheduleError(_deadlock_message(program, steps, pos, blocked_on))
 
     step_end = list(compute_end)
     for stage, (start, devices) in _allreduce_starts(program, sync_issued).items():
@@ -236,13 +151,10 @@ def simulate(program: Program, cost: CostModel | None = None) -> SimReport:
         end = start + cost.allreduce_time(param_bytes[stage], n)
         for d in devices:
             for p in (p for p in range(program.pipes) if place.device(p, stage) == d):
-                events.append(TraceEvent(d, f"SYNC{p}.{stage}", "SYNC", p, stage, -1, start, end))
+                spans.append((d, start, end, Action("SYNC", p, stage)))
             step_end[d] = max(step_end[d], end)
 
-    cross = {produced_message(program, a) for acts in program.device_actions for a in acts}
-    produced = sum(1 for acts in program.device_actions for a in acts
-                   if (a.kind == "F" and a.stage + 1 < S) or (a.kind in ("B", "I") and a.stage > 0))
-    n_cross = len(cross - {None})
+    outbound = [out for row in wiring for _, _, out in row if out is not None]
     chunks = [place.chunks(d) for d in range(D)]
     return SimReport(
         name=program.name,
@@ -258,17 +170,17 @@ def simulate(program: Program, cost: CostModel | None = None) -> SimReport:
         weight_chunks=tuple(len(c) for c in chunks),
         weight_byte_counts=tuple(sum(param_bytes[s] for _, s in c) for c in chunks),
         messages_cross=n_messages,
-        local_handoffs=produced - n_cross,
+        local_handoffs=sum(1 for _, src, dst in outbound if src == dst),
         bytes_moved=bytes_moved,
-        events=tuple(sorted(events, key=lambda e: (e.device, e.start, e.end))),
+        spans=tuple(spans),
     )
 
 
-def _check_compute(d: int, op: Action, ready: dict, sync_issued: dict) -> None:
-    """Refuse an action that repeats work or runs after its chunk's SYNC."""
-    for key in _produces(op):
+def _check_compute(d: int, op: Action, results: tuple[Key, ...], ready: dict, sync_issued: dict) -> None:
+    """Refuse an action that repeats work (one of its ``results`` exists) or runs after its chunk's SYNC."""
+    for key in results:
         if key in ready:
-            raise ScheduleError(f"{op} on device {d} repeats work already done ({_describe(key)}); "
+            raise ScheduleError(f"{op} on device {d} repeats work already done ({describe(key)}); "
                                 "each F, B (or I and W) runs once per micro-batch")
     if op.kind in ("B", "W") and op.chunk in sync_issued:
         raise ScheduleError(f"{op} on device {d} runs after SYNC{op.pipe}.{op.stage}; "
@@ -297,15 +209,8 @@ def _allreduce_starts(program: Program, sync_issued: dict) -> dict[int, tuple[fl
     return out
 
 
-def _deadlock_message(program: Program, ops, pos: list[int], blocked_on: dict[int, Key]) -> str:
-    lines = []
-    for d in range(program.devices):
-        if pos[d] >= len(ops[d]):
-            continue
-        op = ops[d][pos[d]]
-        if isinstance(op, Comm):  # a RECV: name the action it feeds
-            op = ops[d][pos[d] + 1]
-        step = sum(1 for o in ops[d][: pos[d]] if isinstance(o, Action))  # index in the device's action list
-        lines.append(f"device {d} stuck at step {step} ({op}) waiting for {_describe(blocked_on[d])}")
+def _deadlock_message(program: Program, steps: list[list[Step]], pos: list[int], blocked_on: dict[int, Wait]) -> str:
+    lines = [f"device {d} stuck at step {pos[d]} ({steps[d][pos[d]][0]}) waiting for {_describe(blocked_on[d])}"
+             for d in range(program.devices) if pos[d] < len(steps[d])]
     return (f"program {program.name!r} deadlocks: " + "; ".join(lines)
             + ". Reorder the actions so that every producer runs before its consumer waits")

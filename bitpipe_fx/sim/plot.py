@@ -15,7 +15,7 @@ from bitpipe_fx.errors import ConfigError
 from bitpipe_fx.sim.trace import TraceEvent
 
 if TYPE_CHECKING:
-    from bitpipe_fx.sim.engine import SimReport
+    from bitpipe_fx.sim.report import SimReport
 
 COLOURS = {"F": "#4c72b0", "B": "#55a868", "I": "#dd8452", "W": "#8172b3", "SYNC": "#c44e52"}
 OTHER_COLOUR = "#999999"
