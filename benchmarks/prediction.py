@@ -97,8 +97,8 @@ def run_ranks(cfg: dict[str, Any], microbatches: int, warmup: int, records: int,
               ) -> dict[str, Any]:
     """One rank: measure comm costs, then per schedule plan, time each stage, compile and record steps."""
     import bitpipe_fx as bp
+    from bitpipe_fx.compiler import build_plan
     from bitpipe_fx.passes.profile import measure_stages
-    from bitpipe_fx.plan import build_plan
 
     rank, world = dist.get_rank(), dist.get_world_size()
     tokens, targets = lm_batch(cfg["vocab"], microbatches * cfg["micro_batch"], cfg["seq"], seed=1234)

@@ -179,7 +179,7 @@ class CutStage(nn.Module):
 def cut_stages(cfg: dict[str, Any], microbatches: int, n_stages: int, mine: list[int], device: torch.device
                ) -> tuple[dict[int, nn.Module], dict[int, str], list[nn.Parameter]]:
     """bitpipe_fx's 1f1b partition (its passes, no runtime) wrapped for torch; same return as ``hand_stages``."""
-    from bitpipe_fx.plan import build_plan
+    from bitpipe_fx.compiler import build_plan
 
     model, example = gpt(**cfg)
     model.to(device)

@@ -21,9 +21,10 @@ __version__ = "0.1.0"
 _LAZY = {
     "compile": ("bitpipe_fx.api", "compile"),
     "CompiledPipeline": ("bitpipe_fx.api", "CompiledPipeline"),
-    "inspect": ("bitpipe_fx.plan", "inspect"),
+    "inspect": ("bitpipe_fx.compiler", "inspect"),
     "Plan": ("bitpipe_fx.plan", "Plan"),
     "optim": ("bitpipe_fx.optim", None),
+    "export": ("bitpipe_fx.export", None),
 }
 
 

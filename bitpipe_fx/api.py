@@ -22,11 +22,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from bitpipe_fx import export
+from bitpipe_fx.compiler import build_plan, split_from_plan
 from bitpipe_fx.errors import ConfigError
+from bitpipe_fx.export import mode_values
+from bitpipe_fx.matching import compile_settings
 from bitpipe_fx.passes.stages import SplitModel
+from bitpipe_fx.plan import Plan
+from bitpipe_fx.runtime import dcp as checkpoint_dcp
 from bitpipe_fx.runtime.batch import BatchSplitter, as_call
 from bitpipe_fx.runtime.distributed import DistributedExecutor
 from bitpipe_fx.runtime.local import LocalExecutor
+from bitpipe_fx.runtime.predict import assemble
 from bitpipe_fx.runtime.specs import trace_boundaries
 from bitpipe_fx.runtime.state import load_model_state, load_optimizer_state, model_state, optimizer_state
 from bitpipe_fx.runtime.timeline import write_timeline
@@ -80,6 +87,7 @@ class CompiledPipeline:
         trace_path: str | Path | None = None,
         lookahead: int = 4,
         state_names: tuple[list[str], dict[str, str]] | None = None,
+        source: nn.Module | None = None,
     ) -> None:
         if program.stages != split.num_stages:
             raise ConfigError(
@@ -94,6 +102,7 @@ class CompiledPipeline:
                 f"lambda params: torch.optim.AdamW(params, lr=1e-3); got {type(optimizer).__name__}"
             )
         validate(program)
+        self._unflatten = split.unflatten_output
         self.program, self.plan, self.loss_fn = program, plan, loss_fn
         self.data_parallel, self.timeout, self.trace_path = data_parallel, timeout, trace_path
         args, kwargs = as_call(example_inputs)
@@ -109,6 +118,7 @@ class CompiledPipeline:
             self.executor = LocalExecutor(program, split, loss_fn, specs, data_parallel)
             self.rank = 0
         self._state_keys, self._canonical = state_names or ([], {})
+        self._source = source  # the compiled model: its class and config for a Hugging Face export
         params = [p for r in self.executor.replicas for p in r.trainable]
         self.optimizer = optimizer(params) if optimizer is not None else None
         self.last_timeline: list[TraceEvent] = []
@@ -139,6 +149,21 @@ class CompiledPipeline:
     def evaluate(self, inputs: Any, targets: Any) -> float:
         """Forward-only mean loss over the batch (no gradients; the current train/eval mode applies)."""
         return self.executor.run(self._splitter.split(inputs, targets), train=False, record=False)
+
+    def predict(self, inputs: Any) -> Any:
+        """Forward only over the batch's micro-batches, stage modules in eval mode (dropout off); returns the
+        model's outputs for the whole batch as the unpipelined model would (see runtime.predict), on every rank
+        of the pipeline. The weights are those of the pipeline's mode (Schedule-Free: pipe.eval() for x)."""
+        batch = self._splitter.split(inputs, None)
+        modes = [r.module.training for r in self.executor.replicas]
+        for r in self.executor.replicas:
+            r.module.train(False)
+        try:
+            flat = self.executor.predict(batch)
+        finally:
+            for r, mode in zip(self.executor.replicas, modes):
+                r.module.train(mode)
+        return assemble(flat, self.program.microbatches, self._splitter.rows, self._unflatten)
 
     def _after(self, record: bool) -> None:
         if not record:
@@ -201,29 +226,68 @@ class CompiledPipeline:
         if self.optimizer is not None and "optimizer" in state:
             load_optimizer_state(self.optimizer, self.executor.replicas, state["optimizer"])
 
+    def save_checkpoint(self, path: str | Path, extra: Mapping[str, Any] | None = None) -> None:
+        """Model and optimizer state by original names as a torch.distributed.checkpoint folder, every rank
+        writing its stages in parallel (collective: call it on every rank); ``extra``: objects to keep with it."""
+        checkpoint_dcp.save(path, self.executor.replicas, self.optimizer, extra or {})
+
+    def load_checkpoint(self, path: str | Path, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+        """Load a ``save_checkpoint`` folder, whatever schedule, D or data-parallel size wrote it; returns the
+        ``extra`` objects named (those present)."""
+        return checkpoint_dcp.load(path, self.executor.replicas, self.optimizer, extra)
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's state_dict (original keys, tied names included) on rank 0; {} elsewhere."""
-        mine = model_state(self.executor.replicas)
+        return self._gathered(model_state(self.executor.replicas), everywhere=False)
+
+    def _gathered(self, mine: dict[str, torch.Tensor], everywhere: bool) -> dict[str, torch.Tensor]:
+        """Every rank's part by original key on rank 0 (on every rank with ``everywhere``); {} elsewhere."""
         if self.distributed:
             parts: list[dict[str, torch.Tensor] | None] = [None] * dist.get_world_size()
-            dist.gather_object(mine, parts if self.rank == 0 else None, dst=0)
-            if self.rank != 0:
-                return {}
-            for part in parts[1:]:
+            if everywhere:
+                dist.all_gather_object(parts, mine)
+            else:
+                dist.gather_object(mine, parts if self.rank == 0 else None, dst=0)
+                if self.rank != 0:
+                    return {}
+            mine = {}
+            for part in parts:
                 for k, v in (part or {}).items():
                     mine.setdefault(k, v)
         if not self._state_keys:
             return mine
         return {k: mine[self._canonical[k]] for k in self._state_keys if self._canonical[k] in mine}
 
+    # ---- after training: export, load_into ------------------------------------------------------
+
+    def trained_state_dict(self, weights: str = "eval", everywhere: bool = False) -> dict[str, torch.Tensor]:
+        """``full_state_dict()`` with the parameters of mode ``weights`` (Schedule-Free: "eval" = x, "train" = y);
+        on rank 0 only unless ``everywhere``. The pipeline and its optimizer are unchanged."""
+        mine = model_state(self.executor.replicas)
+        mine.update(mode_values(self._first_copies(), self.optimizer, weights, self.training))
+        return self._gathered(mine, everywhere)
+
+    def export(self, path: str | Path, weights: str = "eval") -> Path | None:
+        """Write the trained weights (see ``bitpipe_fx.export``): a safetensors file, or a ``from_pretrained``
+        directory for a Hugging Face model. Under torch.distributed rank 0 writes; returns the path there."""
+        state = self.trained_state_dict(weights)
+        if self.distributed and self.rank != 0:
+            return None
+        return export.save(path, state, self._source)
+
+    def load_into(self, model: nn.Module, weights: str = "eval") -> nn.Module:
+        """Copy the trained weights into ``model`` (every name and shape must match) on every rank; returns it."""
+        export.load_strict(model, self.trained_state_dict(weights, everywhere=True))
+        return model
+
 
 def compile(
     model: nn.Module,
     example_inputs: Any,
     loss_fn: Callable[[Any, Any], torch.Tensor],
-    schedule: str = "bitpipe",
-    devices: int = 4,
-    microbatches: int = 8,
+    schedule: str | None = None,
+    devices: int | None = None,
+    microbatches: int | None = None,
     optimizer: OptimizerFactory | None = None,
     data_parallel: int = 1,
     plan: Any = None,
@@ -234,12 +298,15 @@ def compile(
 ) -> CompiledPipeline:
     """Capture, partition, split and schedule ``model``; returns a pipeline that trains it.
 
-    ``example_inputs``: ONE micro-batch (tensor, tuple of args or dict of kwargs); ``plan``: a Plan, or a
-    path to one saved by ``bitpipe-fx partition``, to reuse its partition and program; ``timeout``: bound
-    in seconds of every wait in a distributed step.
+    ``example_inputs``: ONE micro-batch (tensor, tuple of args or dict of kwargs); ``schedule``: a spec
+    ``NAME[:key=value,...]`` (default bitpipe), D default 4, N default 8; ``plan``: a Plan, or a path to one
+    saved by ``bitpipe-fx partition``, to reuse its partition and program (schedule, D and N then come from
+    it; a different value given here is refused); ``timeout``: bound in seconds of every wait in a
+    distributed step.
     """
-    from bitpipe_fx.plan import Plan, build_plan, split_from_plan
-
+    if isinstance(plan, (str, Path)):
+        plan = Plan.load(plan)
+    spec, devices, microbatches = compile_settings(plan, schedule, devices, microbatches, schedule_options)
     distributed = _distributed()
     if distributed and dist.get_world_size() != devices * data_parallel and plan is None:
         raise ConfigError(
@@ -247,23 +314,19 @@ def compile(
             f"{devices} x {data_parallel} = {devices * data_parallel}; launch that many processes or change them"
         )
     if plan is None:
-        plan, split = build_plan(model, example_inputs, schedule, devices, microbatches, **schedule_options)
+        plan, split = build_plan(model, example_inputs, spec.name, devices, microbatches, **spec.kwargs())
     else:
-        if isinstance(plan, (str, Path)):
-            plan = Plan.load(plan)
         split = split_from_plan(model, example_inputs, plan)
     if distributed:
         plan, split = _agree_on_plan(plan, split, model, example_inputs)
     return CompiledPipeline(
         split, plan.program, loss_fn, example_inputs, optimizer=optimizer, data_parallel=data_parallel, plan=plan,
-        timeout=timeout, trace_path=trace_path, state_names=_state_names(model),
+        timeout=timeout, trace_path=trace_path, state_names=_state_names(model), source=model,
     )
 
 
 def _agree_on_plan(plan: Any, split: SplitModel, model: nn.Module, example_inputs: Any) -> tuple[Any, SplitModel]:
     """Every rank uses rank 0's plan (a measured cost model could differ between ranks)."""
-    from bitpipe_fx.plan import Plan, split_from_plan
-
     box = [plan.to_json() if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)
     if box[0] == plan.to_json():

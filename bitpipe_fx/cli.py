@@ -1,7 +1,8 @@
-"""The `bitpipe-fx` console script: a thin dispatcher over sub-command modules.
+"""The `bitpipe-fx` console script (also ``python -m bitpipe_fx``): a thin dispatcher over sub-command modules.
 
-Each sub-command lives next to the layer it drives and exposes
-``add_parser(subparsers)``, which registers its arguments and sets ``func``.
+Each sub-command lives next to the layer it drives and exposes ``add_parser(subparsers, name, help)``,
+which registers its arguments and sets ``func``. Every error is one line on stderr (the traceback too with
+``--debug``): exit 2 for a usage or configuration error, 1 for a failure while running, 130 for Ctrl-C.
 """
 
 from __future__ import annotations
@@ -9,44 +10,94 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
+from typing import NoReturn
 
-from bitpipe_fx.errors import BitPipeError
+from bitpipe_fx import __version__
+from bitpipe_fx.errors import BitPipeError, PipelineRuntimeError
 
-# name -> module that implements it (imported lazily, so `simulate` never imports torch)
-COMMANDS: dict[str, str] = {
-    "simulate": "bitpipe_fx.sim.command",
-    "inspect": "bitpipe_fx.passes.command",
-    "partition": "bitpipe_fx.passes.command",
-    "train": "bitpipe_fx.train",
-    "demo": "bitpipe_fx.train",
+# name -> (module that implements it, imported lazily so `simulate` never imports torch; its one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "simulate": ("bitpipe_fx.sim.command", "compare schedules in the event simulator (no torch needed)"),
+    "inspect": ("bitpipe_fx.passes.command", "print a model's plan (stages, costs, placement, balance) for a schedule"),
+    "partition": ("bitpipe_fx.passes.command", "compute a model's plan for a schedule and save it as JSON"),
+    "train": ("bitpipe_fx.train", "train a model with a pipeline schedule on local processes or under torchrun"),
+    "demo": ("bitpipe_fx.train", "a few-minute pipelined training run on local CPU processes, with its pictures"),
+    "export": ("bitpipe_fx.train.export_command", "write a run's trained weights: safetensors or a HF folder"),
+    "sample": ("bitpipe_fx.train.sample", "generate text from a byte-level LM run's checkpoint"),
 }
+EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps descriptions as written and appends ``(default: X)`` to options whose help does not say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False or action.default == [] \
+                or action.default == argparse.SUPPRESS or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line naming the command and where help is."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    """Parser with every sub-command whose module exists; only the requested one is imported."""
-    parser = argparse.ArgumentParser(prog="bitpipe-fx", description="Pipeline-parallel training compiler")
+    """Parser with every sub-command; only the requested one's module is imported."""
+    parser = Parser(prog="bitpipe-fx", description="Pipeline-parallel training compiler for PyTorch.",
+                    formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"bitpipe-fx {__version__}")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error (anywhere on the line)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     wanted = next((a for a in argv if a in COMMANDS), None)
-    for name, module in COMMANDS.items():
+    for name, (module, help_line) in COMMANDS.items():
         if name != wanted:
-            sub.add_parser(name, help=f"(see `bitpipe-fx {name} --help`)")
+            sub.add_parser(name, help=help_line, description=f"{help_line}; see `bitpipe-fx {name} --help`")
             continue
-        importlib.import_module(module).add_parser(sub, name)
+        importlib.import_module(module).add_parser(sub, name, help_line).formatter_class = HelpFormatter
     return parser
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line: a launched rank's failure as its summary and the rank's own
+    last traceback line (the full traceback is for --debug); any other multi-line message joined with '; '."""
+    tracebacks, first = getattr(exc, "tracebacks", None), getattr(exc, "first_rank", None)
+    if isinstance(tracebacks, dict) and first in tracebacks:
+        last = next((t for t in reversed(tracebacks[first].strip().splitlines()) if t.strip()), "")
+        return f"{str(exc).splitlines()[0]}: {last.strip()}"
+    text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return text or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; a BitPipeError becomes one clear line on stderr and exit status 2."""
+    """Entry point: run one sub-command; errors become one line on stderr and an exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser(argv)
     args = parser.parse_args(argv)
-    if not hasattr(args, "func"):
-        parser.parse_args([args.command, "--help"])
+    where = f"bitpipe-fx {args.command}"
     try:
         return int(args.func(args) or 0)
-    except BitPipeError as exc:
-        print(f"bitpipe-fx {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"\n{where}: interrupted (Ctrl-C); the last saved checkpoint is kept", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        if debug:
+            traceback.print_exc()
+        if isinstance(exc, BitPipeError) and not isinstance(exc, PipelineRuntimeError):
+            print(f"{where}: error: {one_line(exc)}", file=sys.stderr)
+            return EXIT_USAGE
+        hint = "" if debug else " (run with --debug for the traceback)"
+        kind = "" if isinstance(exc, BitPipeError) else f"{type(exc).__name__}: "
+        print(f"{where}: failed: {kind}{one_line(exc)}{hint}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -1,9 +1,8 @@
 """Plan: a model's partition, the schedule's placement and program, and the per-stage costs behind them.
 
-``build_plan`` runs the passes (capture, cost, partition, split) for one schedule; ``inspect`` returns just
-the plan; ``split_from_plan`` re-cuts a model at a saved plan's cut points (refusing a plan made for a
-different graph). A plan round-trips exactly through JSON, so it can be computed once (``bitpipe-fx
-partition``) and loaded on every rank.
+A value: derived quantities (per-stage times, device loads, balance), the simulator's cost model, a text
+``summary()``, and an exact JSON round-trip, so a plan can be computed once (``bitpipe-fx partition``) and
+loaded on every rank. ``bitpipe_fx.compiler`` builds plans.
 
 Times in the plan are seconds per micro-batch: forward = FLOPs / ``flop_rate`` (an assumed rate, default
 1e12 FLOP/s) and backward = ``backward_factor`` x forward (2: the input and the weight gradient each cost
@@ -12,17 +11,20 @@ about one forward), unless the plan was profiled, in which case both are measure
 
 from __future__ import annotations
 
-import hashlib
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from bitpipe_fx.errors import ConfigError
-from bitpipe_fx.passes.cost import CostTable, StageCost
+from bitpipe_fx.matching import Origin
+from bitpipe_fx.passes.cost import StageCost
 from bitpipe_fx.schedules.ir import Program
+from bitpipe_fx.sim.cost import CostModel, PerStage
+from bitpipe_fx.sim.engine import simulate
 
 DEFAULT_FLOP_RATE = 1e12
+ScheduleOptions = dict[str, object]  # keyword arguments of the schedule generator, passed through as given
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,8 @@ class Plan:
     backward_factor: float = 2.0
     forward_times: tuple[float, ...] | None = None  # measured seconds per stage (profile=True)
     backward_times: tuple[float, ...] | None = None
-    schedule_options: dict[str, Any] = field(default_factory=dict)
+    schedule_options: ScheduleOptions = field(default_factory=dict)
+    origin: Origin = field(default_factory=Origin)  # the model it was made for: a mismatch names what differs
 
     # ---- derived quantities --------------------------------------------------------------------
 
@@ -82,10 +85,8 @@ class Plan:
         mean = sum(loads) / len(loads)
         return max(loads) / mean if mean else 1.0
 
-    def cost_model(self, **overrides: Any) -> Any:
+    def cost_model(self, **overrides: PerStage) -> CostModel:
         """The simulator's CostModel for this plan (communication parameters via ``overrides``)."""
-        from bitpipe_fx.sim.cost import CostModel
-
         fields_ = {
             "forward": self.forward,
             "backward": self.backward,
@@ -129,10 +130,6 @@ class Plan:
         return "\n".join(lines)
 
     def _simulated(self) -> list[str]:
-        try:
-            from bitpipe_fx.sim import simulate
-        except ImportError:
-            return []
         report = simulate(self.program, self.cost_model())
         return [
             f"simulated step (no communication cost): makespan {report.makespan:.4g} s, "
@@ -144,14 +141,15 @@ class Plan:
 
     # ---- JSON ----------------------------------------------------------------------------------
 
-    def to_dict(self) -> dict[str, Any]:
-        data = {k: v for k, v in asdict(self).items() if k not in ("program", "stages")}
+    def to_dict(self) -> dict[str, object]:
+        data = {k: v for k, v in asdict(self).items() if k not in ("program", "stages", "origin")}
+        data["origin"] = self.origin.to_dict()
         data["program"] = self.program.to_dict()
         data["stages"] = [asdict(s) for s in self.stages]
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Plan:
+    def from_dict(cls, data: Mapping[str, object]) -> Plan:
         try:
             return cls(
                 schedule=str(data["schedule"]),
@@ -167,6 +165,7 @@ class Plan:
                 forward_times=_floats(data.get("forward_times")),
                 backward_times=_floats(data.get("backward_times")),
                 schedule_options=dict(data.get("schedule_options") or {}),
+                origin=Origin.from_dict(data.get("origin")),
             )
         except (KeyError, TypeError) as exc:
             raise ConfigError(
@@ -195,7 +194,7 @@ class Plan:
         return cls.from_json(p.read_text())
 
 
-def _floats(values: Any) -> tuple[float, ...] | None:
+def _floats(values: Iterable[float] | None) -> tuple[float, ...] | None:
     return None if values is None else tuple(float(v) for v in values)
 
 
@@ -205,105 +204,3 @@ def _n(x: float) -> str:
         if abs(x) >= scale:
             return f"{x / scale:.3g}{unit}"
     return str(int(x))
-
-
-def graph_hash(costs: CostTable) -> str:
-    """Fingerprint of a captured graph: node names, ops and output sizes in order."""
-    text = "|".join(f"{n.name}:{n.target}:{n.out_bytes}:{','.join(n.state)}" for n in costs.nodes)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-# ---- building plans ------------------------------------------------------------------------------
-
-
-def build_plan(
-    model: Any,
-    example_inputs: Any,
-    schedule: str = "bitpipe",
-    devices: int = 4,
-    microbatches: int | None = None,
-    *,
-    flop_rate: float = DEFAULT_FLOP_RATE,
-    profile: bool = False,
-    balance_tolerance: float = 0.02,
-    leaf_modules: tuple = (),
-    **schedule_options: Any,
-) -> tuple[Plan, Any]:
-    """Capture, cost, partition and split ``model`` for ``schedule``; returns (Plan, SplitModel).
-
-    ``example_inputs``: one micro-batch, as a tensor, a tuple of positional args or a dict of keyword args.
-    ``microbatches`` defaults to 2 x devices. ``profile=True`` measures each stage's forward and backward
-    time, re-balances once with the measured times, and stores the measurements (not reproducible across
-    ranks: save the plan and load it everywhere). Extra keyword arguments go to the schedule generator.
-    """
-    from bitpipe_fx.passes import capture, estimate_costs, partition, split
-    from bitpipe_fx.passes.capture import normalize_inputs
-    from bitpipe_fx.schedules import generate
-
-    if flop_rate <= 0:
-        raise ConfigError(f"flop_rate must be > 0 FLOP/s, got {flop_rate}")
-    n = 2 * devices if microbatches is None else microbatches
-    program = generate(schedule, devices, n, **schedule_options)
-    args, kwargs = normalize_inputs(example_inputs)
-    captured = capture(model, args, kwargs, leaf_modules=leaf_modules)
-    costs = estimate_costs(captured)
-    per_pipe = [program.pipe_of.count(p) for p in range(program.pipes)]
-    part = partition(costs, program.placement, pipe_microbatches=per_pipe, balance_tolerance=balance_tolerance)
-    stage_model = split(captured, part)
-    times: tuple[tuple[float, ...], tuple[float, ...]] | tuple[None, None] = (None, None)
-    if profile:
-        from bitpipe_fx.passes.profile import measure_stages
-
-        fwd, bwd = measure_stages(stage_model, captured.example_inputs)
-        rows = costs.stages(part.cuts)
-        bounds = (0, *part.cuts, len(costs.nodes))
-        weights = [
-            node.flops * (fwd[k] + bwd[k]) / max(rows[k].flops, 1)
-            for k in range(len(rows))
-            for node in costs.nodes[bounds[k] : bounds[k + 1]]
-        ]
-        part = partition(
-            costs, program.placement, pipe_microbatches=per_pipe, weights=weights, balance_tolerance=balance_tolerance
-        )
-        stage_model = split(captured, part)
-        times = measure_stages(stage_model, captured.example_inputs)
-    plan = Plan(
-        schedule=schedule,
-        devices=devices,
-        microbatches=n,
-        program=program,
-        cuts=part.cuts,
-        stages=costs.stages(part.cuts),
-        graph_hash=graph_hash(costs),
-        model=type(model).__name__,
-        flop_rate=float(flop_rate),
-        forward_times=times[0],
-        backward_times=times[1],
-        schedule_options=dict(schedule_options),
-    )
-    return plan, stage_model
-
-
-def inspect(
-    model: Any, example_inputs: Any, schedule: str = "bitpipe", devices: int = 4, microbatches: int | None = None,
-    **options: Any,
-) -> Plan:
-    """The plan ``build_plan`` would make (print it, or call ``.summary()``)."""
-    return build_plan(model, example_inputs, schedule, devices, microbatches, **options)[0]
-
-
-def split_from_plan(model: Any, example_inputs: Any, plan: Plan, *, leaf_modules: tuple = ()) -> Any:
-    """Cut ``model`` at ``plan``'s cut points; ConfigError if the model's graph is not the one planned."""
-    from bitpipe_fx.passes import capture, estimate_costs, split
-    from bitpipe_fx.passes.capture import normalize_inputs
-
-    args, kwargs = normalize_inputs(example_inputs)
-    captured = capture(model, args, kwargs, leaf_modules=leaf_modules)
-    costs = estimate_costs(captured)
-    found = graph_hash(costs)
-    if found != plan.graph_hash:
-        raise ConfigError(
-            f"the plan was made for a different graph (plan {plan.graph_hash}, this model and micro-batch give "
-            f"{found}: another model, config, micro-batch shape or torch version); re-run `bitpipe-fx partition`"
-        )
-    return split(captured, plan.cuts)

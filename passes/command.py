@@ -12,25 +12,23 @@ import ast
 import importlib
 import importlib.util
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from bitpipe_fx.errors import ConfigError
+from bitpipe_fx.schedules.spec import parse_spec
 
 
-def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
+def add_parser(subparsers: Any, name: str, help: str) -> argparse.ArgumentParser:
     """Register ``inspect`` or ``partition`` and its arguments."""
-    helps = {
-        "inspect": "print a model's plan (stages, costs, placement, balance) for a schedule",
-        "partition": "compute a model's plan for a schedule and save it as JSON (load it with Plan.load)",
-    }
-    parser = subparsers.add_parser(name, help=helps[name], description=helps[name])
+    parser = subparsers.add_parser(name, help=help, description=f"{help}.\n\n{__doc__}")
     parser.add_argument("target", metavar="MODULE:FACTORY", help="factory returning (model, example_inputs)")
     parser.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE", help="factory keyword argument")
-    parser.add_argument("--schedule", default="bitpipe", help="schedule name (default: bitpipe)")
-    parser.add_argument("--devices", type=int, default=4, help="pipeline devices D (default: 4)")
-    parser.add_argument("--microbatches", type=int, default=None, help="micro-batches N (default: 2*D)")
-    parser.add_argument("--flop-rate", type=float, default=1e12, help="assumed FLOP/s for times (default: 1e12)")
+    parser.add_argument("--schedule", default="bitpipe", help="schedule spec NAME[:key=value,...]")
+    parser.add_argument("--devices", "-d", type=int, default=4, help="pipeline devices D")
+    parser.add_argument("--microbatches", "-n", type=int, default=None, help="micro-batches N (default: 2*D)")
+    parser.add_argument("--flop-rate", type=float, default=1e12, help="assumed FLOP/s for times")
     parser.add_argument("--profile", action="store_true", help="measure stage times and re-balance with them")
     parser.add_argument("--out", required=name == "partition", help="write the plan as JSON to this path")
     parser.set_defaults(func=run)
@@ -38,18 +36,23 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bitpipe_fx.plan import build_plan
+    """Build the plan of the factory's model for the schedule spec; print it, and save it with --out."""
+    from bitpipe_fx.compiler import build_plan
 
-    model, example_inputs = load_factory(args.target, parse_kwargs(args.arg))
+    spec = parse_spec(args.schedule)  # before the model is built: a typo costs nothing
+    kwargs = parse_kwargs(args.arg)
+    model, example_inputs = load_factory(args.target, kwargs)
     plan, _ = build_plan(
         model,
         example_inputs,
-        args.schedule,
+        spec.name,
         args.devices,
         args.microbatches,
         flop_rate=args.flop_rate,
         profile=args.profile,
+        **spec.kwargs(),
     )
+    plan = replace(plan, origin=plan.origin.made_by(args.target, kwargs))
     print(plan.summary())
     if args.out:
         plan.save(args.out)

@@ -21,7 +21,7 @@ from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from bitpipe_fx.passes.capture import TRAINING_FLAG, Captured, compute_nodes
+from bitpipe_fx.passes.graph_form import TRAINING_FLAG, Captured, compute_nodes
 
 
 @dataclass(frozen=True)

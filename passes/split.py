@@ -18,7 +18,7 @@ import torch
 from torch import fx, nn
 
 from bitpipe_fx.errors import PartitionError
-from bitpipe_fx.passes.capture import TRAINING_FLAG, Captured, TrainingFlag, compute_nodes, is_free, tree
+from bitpipe_fx.passes.graph_form import TRAINING_FLAG, Captured, TrainingFlag, compute_nodes, fetch, is_free, tree
 from bitpipe_fx.passes.stages import SplitModel, StageSpec
 
 
@@ -127,7 +127,7 @@ def _build_stage(
 
     root: dict[str, Any] = {TRAINING_FLAG: TrainingFlag()}
     for target in state:
-        root[target] = captured.constants[target] if target in captured.constants else _fetch(model, target)
+        root[target] = captured.constants[target] if target in captured.constants else fetch(model, target)
     submodules = [n.target for n in own if n.op == "call_module" and n.target != TRAINING_FLAG]
     for target in submodules:
         root[target] = model.get_submodule(target)
@@ -153,13 +153,6 @@ def _state_order(model: nn.Module, captured: Captured, targets: set[str]) -> lis
     order = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
     known = [t for t in order if t in targets]
     return known + sorted(t for t in targets if t not in set(known))
-
-
-def _fetch(module: nn.Module, target: str) -> Any:
-    obj: Any = module
-    for atom in target.split("."):
-        obj = getattr(obj, atom)
-    return obj
 
 
 def _restore_buffer_persistence(stage: nn.Module, model: nn.Module, captured: Captured) -> None:

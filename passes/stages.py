@@ -44,3 +44,8 @@ class SplitModel:
     @property
     def num_stages(self) -> int:
         return len(self.stages)
+
+
+Inputs = torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor] | dict[str, torch.Tensor]  # one model call
+Targets = object  # whatever the loss reads next to the output: a pytree of tensors (split by rows), or None
+LossFn = Callable[[object, Targets], torch.Tensor]  # (the model's output, targets) -> scalar loss

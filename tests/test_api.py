@@ -10,8 +10,8 @@ import torch
 import bitpipe_fx as bp
 from bitpipe_fx.errors import ConfigError, ScheduleError
 from bitpipe_fx.examples.models import bert, gpt, lm_batch, lm_loss, mlm_batch
-from bitpipe_fx.runtime.testing import max_rel_err, reference_grads
 from bitpipe_fx.sim.trace import read_chrome_trace
+from tests.support.reference import max_rel_err, reference_grads
 
 
 def _gpt64():

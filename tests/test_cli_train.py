@@ -20,7 +20,7 @@ TINY = ["--arg", "dim=16", "--arg", "layers=2", "--arg", "heads=2", "--devices",
 @pytest.fixture
 def no_launch(monkeypatch):
     """Fail the test if any process would be started or any plan built."""
-    import bitpipe_fx.plan
+    import bitpipe_fx.compiler
 
     launch_module = importlib.import_module("bitpipe_fx.runtime.launch")  # the package re-exports the function
 
@@ -28,7 +28,7 @@ def no_launch(monkeypatch):
         raise AssertionError("work started before the arguments were checked")
 
     monkeypatch.setattr(launch_module, "launch", refuse)
-    monkeypatch.setattr(bitpipe_fx.plan, "build_plan", refuse)
+    monkeypatch.setattr(bitpipe_fx.compiler, "build_plan", refuse)
 
 
 CASES = [

@@ -39,13 +39,21 @@ def test_directory_split_keeps_files_whole_and_is_deterministic(tmp_path):
 
 def test_single_file_holds_out_its_last_tenth_and_drops_nul(tmp_path):
     path = tmp_path / "book.txt"
-    text = bytes(range(1, 128)) * 20 + b"\x00\x00"
+    text = bytes(range(1, 128)) * 70 + b"\x00\x00"  # NULs past the first 8 KiB: a text file, NULs dropped
     path.write_bytes(text)
     corpus = load_corpus(str(path))
     whole = bytes(corpus.train.tolist()) + bytes(corpus.val.tolist())
     assert whole == text.replace(b"\x00", b"") + b"\n"
     assert len(corpus.val) == len(whole) // 10
     assert 0 not in set(corpus.train.tolist())
+
+
+def test_a_binary_file_named_with_data_is_refused(tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"PK\x03\x04" + bytes(range(256)) * 4)
+    with pytest.raises(ConfigError, match=r"^--data '.*weights\.bin' is not a text file \(it has NUL bytes in its "
+                                          r"first 8 KiB\); pass a text file, or a directory"):
+        load_corpus(str(path))
 
 
 def test_stdlib_corpus_is_python_source_capped_at_max_bytes():

@@ -2,7 +2,7 @@
 D=2 x data_parallel=2, and compile() end to end (recorded step, eager sync, resume, gather, refusal).
 
 Spawning is the expensive part, so each process group runs many checks and returns every comparison to
-the parent, which asserts. The rank bodies live in bitpipe_fx.runtime.testing.
+the parent, which asserts. The rank bodies live in tests.support.workers.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from collections import defaultdict
 import pytest
 
 from bitpipe_fx.runtime.launch import launch
-from bitpipe_fx.runtime.testing import compile_worker, contract_worker, sequence_worker
 from bitpipe_fx.schedules import SCHEDULES, Program
 from bitpipe_fx.sim.trace import read_chrome_trace
+from tests.support.workers import compile_worker, contract_worker, sequence_worker
 
 pytestmark = pytest.mark.dist
 FAMILIES = sorted(SCHEDULES)

@@ -8,14 +8,16 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from bitpipe_fx.runtime.launch import LaunchError, launch
-from bitpipe_fx.runtime.testing import fault_worker
+from tests.support.workers import fault_worker
 
 pytestmark = pytest.mark.dist
 BOUND = 4.0  # seconds: the runtime's wait bound in these tests
+ROOT = Path(__file__).resolve().parents[1]  # the script's ranks import tests.support from here
 
 
 def _elapsed_in_step(traceback_text: str) -> float:
@@ -24,10 +26,10 @@ def _elapsed_in_step(traceback_text: str) -> float:
 
 def test_raising_rank_via_the_command_line(tmp_path):
     script = tmp_path / "train.py"
-    script.write_text("from bitpipe_fx.runtime.testing import fault_main\n\nfault_main()\n")
+    script.write_text("from tests.support.workers import fault_main\n\nfault_main()\n")
     cmd = [sys.executable, "-m", "bitpipe_fx.runtime.launch", "--nprocs", "2", "--timeout", "30", str(script),
            "raise", str(BOUND)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 1
     assert "rank 1 failed first (ValueError); other failures: rank 0: PipelineRuntimeError" in done.stderr
     assert "ValueError: injected failure in loss_fn on rank 1" in done.stderr  # the first traceback

@@ -8,10 +8,11 @@ import pytest
 
 import bitpipe_fx as bp
 from bitpipe_fx.cli import main
+from bitpipe_fx.compiler import split_from_plan
 from bitpipe_fx.errors import ConfigError
 from bitpipe_fx.examples.models import gpt
 from bitpipe_fx.passes.command import load_factory, parse_kwargs
-from bitpipe_fx.plan import Plan, split_from_plan
+from bitpipe_fx.plan import Plan
 
 
 def test_inspect_returns_the_plan():

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bitpipe_fx.runtime.testing import contract_errors, model_case
 from bitpipe_fx.schedules import SCHEDULES, generate
+from tests.support.cases import contract_errors, model_case
 
 FAMILIES = sorted(SCHEDULES)
 _CASES: dict[tuple[str, torch.dtype], object] = {}

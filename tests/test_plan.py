@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bitpipe_fx.compiler import build_plan, split_from_plan
 from bitpipe_fx.errors import ConfigError
 from bitpipe_fx.examples.models import gpt
 from bitpipe_fx.passes import run_stages
-from bitpipe_fx.plan import Plan, build_plan, split_from_plan
+from bitpipe_fx.plan import Plan
 from bitpipe_fx.schedules import generate
 from bitpipe_fx.sim import CostModel, simulate
 

@@ -1,6 +1,6 @@
 """Runtime core on hand-cut models: chunks, flat gradient buffers, the local executor, batch checks, timeline.
 
-The toy model (bitpipe_fx.runtime.testing.Toy) has a tied weight in its first and last stage, a skip value
+The toy model (tests.support.toy.Toy) has a tied weight in its first and last stage, a skip value
 carried through the middle stages and a model input read again by the last stage.
 """
 
@@ -17,9 +17,10 @@ from bitpipe_fx.errors import ConfigError, PipelineRuntimeError, ScheduleError
 from bitpipe_fx.passes.stages import SplitModel, StageSpec
 from bitpipe_fx.runtime.local import LocalExecutor
 from bitpipe_fx.runtime.specs import check_stage_contract, trace_boundaries
-from bitpipe_fx.runtime.testing import Toy, max_rel_err, naive_program, reference_grads, toy_split
 from bitpipe_fx.schedules import SCHEDULES, Action, Program, generate
 from bitpipe_fx.schedules.ir import bitpipe_placement, chimera_placement, linear_placement, v_placement
+from tests.support.reference import max_rel_err, reference_grads
+from tests.support.toy import Toy, naive_program, toy_split
 
 
 def mse(out, y):

@@ -10,8 +10,9 @@ from bitpipe_fx.cli import main
 from bitpipe_fx.errors import ConfigError, ScheduleError
 from bitpipe_fx.schedules import SCHEDULES, Action, Program, generate
 from bitpipe_fx.schedules.ir import v_placement
+from bitpipe_fx.schedules.spec import make_spec
 from bitpipe_fx.sim import CostModel, simulate
-from bitpipe_fx.sim.command import cost_model, parse_costs, parse_schedule, run_one
+from bitpipe_fx.sim.command import cost_model, parse_costs, run_one
 
 
 def table_rows(text: str) -> dict[str, list[str]]:
@@ -51,7 +52,7 @@ def test_table_lists_every_schedule(capsys, monkeypatch):
 def test_costs_are_per_device_share(monkeypatch):
     # S = 2D: each stage runs at D/S = 1/2 of F=1, B=2; the lone micro-batch is one serial chain: 4·0.5 + 4·1
     monkeypatch.setitem(SCHEDULES, "v-hand", v_hand)
-    outcome = run_one("v-hand", 2, 1, cost_model({"F": 1, "B": 2}))
+    outcome = run_one(make_spec("v-hand"), 2, 1, cost_model({"F": 1, "B": 2}))
     assert outcome.reason == ""
     assert outcome.report.makespan == 6
     assert simulate(v_hand(2, 1), CostModel(forward=1, backward=2)).makespan == 12
@@ -78,11 +79,16 @@ def test_bad_arguments(capsys):
         cost_model(parse_costs("B=2,W=3"))
     with pytest.raises(ConfigError, match="cost F='one' is not a number"):
         parse_costs("F=one")
-    assert parse_schedule("interleaved:chunks=4") == ("interleaved", {"chunks": 4})
-    with pytest.raises(ConfigError, match="write NAME:key=value"):
-        parse_schedule("interleaved:chunks")
 
 
-def test_option_the_generator_lacks_is_a_rejection():
-    outcome = run_one("1f1b:colour=2", 4, 4, cost_model({}))
-    assert outcome.report is None and "bad option for 1f1b" in outcome.reason and "colour" in outcome.reason
+def test_bad_schedule_spec_is_an_error_not_a_rejected_row(capsys):
+    assert main(["simulate", "-d", "4", "-n", "8", "--schedules", "gpipe,1f1b:colour=2"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""  # nothing simulated
+    assert err == "bitpipe-fx simulate: error: schedule '1f1b' has no option 'colour'; it takes no options\n"
+
+
+def test_spec_list_with_several_options(capsys):
+    assert main(["simulate", "-d", "2", "-n", "4", "--schedules", "bitpipe:inflight=1,weight_fraction=0.25,1f1b"]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    assert {"bitpipe:inflight=1,weight_fraction=0.25", "1f1b"} <= set(rows)

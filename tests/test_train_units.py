@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
 from bitpipe_fx.errors import ConfigError
 from bitpipe_fx.schedules import generate
@@ -16,6 +17,8 @@ from bitpipe_fx.train import checkpoint
 from bitpipe_fx.train.checkpoint import History
 from bitpipe_fx.train.job import TrainConfig, build_model, resolve, resume_mismatch
 from bitpipe_fx.train.report import bubble, compare_timelines, plot_losses, write_timeline_files
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
 TINY = TrainConfig(model_args=(("dim", 16), ("heads", 2), ("layers", 2)), devices=2, microbatches=2, batch_size=4,
                    seq_len=8, steps=20)
@@ -47,20 +50,27 @@ def test_config_round_trips_through_its_dict_and_names_the_first_difference():
 
 
 def _checkpoint(cfg: TrainConfig, step: int) -> None:
-    for rank in range(cfg.processes):
-        checkpoint.save_rank(cfg.out, step, rank, {"rank": rank, "t": torch.arange(3)})
+    """What the ranks and rank 0 do at a save, with a stand-in state."""
+    partial = checkpoint.partial_dir(cfg.out, step)
+    dcp.save({"t": torch.arange(3) + step}, checkpoint_id=str(partial), no_dist=True)
     checkpoint.commit(cfg.out, step, cfg, History([5.0, 4.0], [10.0, 11.0], [(2, 4.5)]))
 
 
-def test_checkpoint_commit_and_resume(tmp_path):
+def test_checkpoint_commit_keeps_two_verified_steps_and_resumes(tmp_path):
     cfg = replace(TINY, out=str(tmp_path), lr=3e-3, task="lm", eval_every=2)
-    _checkpoint(cfg, 1)
-    _checkpoint(cfg, 2)
-    assert sorted(p.name for p in checkpoint.directory(cfg.out).iterdir()) == ["latest.json", "step-000002"]
+    for step in (1, 2, 3):
+        _checkpoint(cfg, step)
+    assert sorted(p.name for p in checkpoint.directory(cfg.out).iterdir()) == [
+        "latest.json", "step-000002", "step-000003"]
+    assert {p.name for p in checkpoint.step_dir(cfg.out, 3).iterdir()} == {
+        ".metadata", "__0_0.distcp", "meta.json", "manifest.json"}
+    assert checkpoint.damage(cfg.out, 3) is None
     step, history = checkpoint.check_resume(cfg)
-    assert step == 2 and history == History([5.0, 4.0], [10.0, 11.0], [(2, 4.5)])
-    state = checkpoint.load_rank(cfg.out, 2, 1)
-    assert state["rank"] == 1 and torch.equal(state["t"], torch.arange(3))
+    assert step == 3 and history == History([5.0, 4.0], [10.0, 11.0], [(2, 4.5)])
+    assert checkpoint.check_resume(replace(cfg, resume_from=2))[0] == 2
+    loaded = {"t": torch.empty(3, dtype=torch.long)}
+    dcp.load(loaded, checkpoint_id=str(checkpoint.step_dir(cfg.out, 3)), no_dist=True)
+    assert torch.equal(loaded["t"], torch.arange(3) + 3)
 
 
 @pytest.mark.parametrize(
@@ -68,7 +78,7 @@ def test_checkpoint_commit_and_resume(tmp_path):
     [
         ({"seed": 1}, "--resume: seed is 1 but the checkpoint was trained with 0"),
         ({"steps": 2}, "the checkpoint is at step 2 already; pass --steps > 2"),
-        ({"devices": 4, "microbatches": 4}, "devices is 4 but the checkpoint was trained with 2"),
+        ({"microbatches": 4, "batch_size": 8}, "microbatches is 4 but the checkpoint was trained with 2"),
     ],
 )
 def test_resume_refuses_an_incompatible_run(tmp_path, change, message):
@@ -78,14 +88,55 @@ def test_resume_refuses_an_incompatible_run(tmp_path, change, message):
         checkpoint.check_resume(replace(cfg, **change))
 
 
-def test_resume_refuses_a_changed_rex_horizon_and_an_incomplete_checkpoint(tmp_path):
+def test_resume_accepts_another_schedule_and_device_count(tmp_path):
+    cfg = replace(TINY, out=str(tmp_path), lr=3e-3, task="lm", eval_every=2)
+    _checkpoint(cfg, 2)
+    assert checkpoint.check_resume(replace(cfg, schedule="1f1b", devices=4, data_parallel=1))[0] == 2
+
+
+def test_resume_refuses_a_changed_rex_horizon(tmp_path):
     cfg = replace(TINY, out=str(tmp_path), lr=3e-3, task="lm", eval_every=2, optimizer="adamw-rex")
     _checkpoint(cfg, 2)
     with pytest.raises(ConfigError, match="adamw-rex's learning-rate profile spans the run's --steps 20"):
         checkpoint.check_resume(replace(cfg, steps=40))
-    checkpoint.rank_file(cfg.out, 2, 1).unlink()
-    with pytest.raises(ConfigError, match=r"rank1\.pt is missing; the checkpoint is incomplete"):
+
+
+@pytest.mark.parametrize("harm", ["truncate", "flip", "delete", "manifest"])
+def test_a_damaged_latest_checkpoint_is_refused_naming_the_file_and_the_last_good_step(tmp_path, harm):
+    cfg = replace(TINY, out=str(tmp_path), lr=3e-3, task="lm", eval_every=2)
+    _checkpoint(cfg, 1)
+    _checkpoint(cfg, 2)
+    folder = checkpoint.step_dir(cfg.out, 2)
+    data = folder / "__0_0.distcp"
+    size = data.stat().st_size
+    if harm == "truncate":
+        data.write_bytes(data.read_bytes()[:-7])
+        why = f"{data} has {size - 7} bytes, the manifest says {size}"
+    elif harm == "flip":
+        raw = bytearray(data.read_bytes())
+        raw[size // 2] ^= 0xFF
+        data.write_bytes(bytes(raw))
+        why = f"{data} does not match its SHA-256 in the manifest"
+    elif harm == "delete":
+        data.unlink()
+        why = f"{data} is missing"
+    else:
+        (folder / "manifest.json").write_text("{")
+        why = f"{folder / 'manifest.json'} is missing or damaged"
+    with pytest.raises(ConfigError) as err:
         checkpoint.check_resume(cfg)
+    assert str(err.value).startswith(f"--resume: the checkpoint of step 2 is damaged: {why}")
+    assert str(err.value).endswith("; the last good checkpoint is step 1 (--resume-from 1)")
+    assert checkpoint.check_resume(replace(cfg, resume_from=1))[0] == 1
+
+
+def test_resume_from_a_step_that_was_not_saved_lists_the_saved_ones(tmp_path):
+    cfg = replace(TINY, out=str(tmp_path), lr=3e-3, task="lm", eval_every=2)
+    _checkpoint(cfg, 1)
+    _checkpoint(cfg, 2)
+    with pytest.raises(ConfigError, match=r"--resume-from 7: no checkpoint folder .*step-000007; saved steps are "
+                                          r"\[2, 1\]"):
+        checkpoint.check_resume(replace(cfg, resume_from=7))
 
 
 @pytest.mark.parametrize("cost", [CostModel(forward=1, backward=2),

@@ -54,6 +54,19 @@ class _ScheduleFree(FusedOptimizer):
             self.kernel(index).lerp(rows, S.TRAIN_W if to_train else S.EVAL_W)
             group["train_mode"] = to_train
 
+    @torch.no_grad()
+    def mode_weights(self, train: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(parameter, copy of its value in train (y) or eval (x) mode): the same lerp as train()/eval(), on
+        copies, so neither the parameters nor the optimizer change (export reads either set of weights)."""
+        out = []
+        for index, group in enumerate(self.param_groups):
+            rows = [(p, p.detach().clone()) for p in group["params"]]
+            moving = [(copy, self.state[p]["z"]) for p, copy in rows if "z" in self.state[p]]
+            if group["train_mode"] != train:
+                self.kernel(index).lerp(moving, S.TRAIN_W if train else S.EVAL_W)
+            out.extend(rows)
+        return out
+
     def train(self) -> None:
         """Parameters to y (the point where gradients are taken); required before step()."""
         self._switch(True)

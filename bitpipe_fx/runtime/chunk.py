@@ -113,6 +113,11 @@ class Chunk:
         self.saved[m] = _Saved([t for t in leaves if is_floating(t)], roots, index)
         return result
 
+    def outputs(self, model_inputs: Sequence[torch.Tensor], received: Sequence[torch.Tensor]) -> tuple:
+        """The stage's flat outputs without loss or autograd (the last stage's are the model's: predict)."""
+        with torch.no_grad():
+            return self._call(model_inputs, received)
+
     def _call(self, model_inputs: Sequence[torch.Tensor], received: Sequence[torch.Tensor]) -> tuple:
         out = self.replica.module(*model_inputs, *received)
         return tuple(out) if isinstance(out, (tuple, list)) else (out,)

@@ -23,6 +23,7 @@ from bitpipe_fx.runtime.chunk import StageReplica, build_device
 from bitpipe_fx.runtime.gradsync import GradSync
 from bitpipe_fx.runtime.interpreter import DeviceInterpreter, forward_only
 from bitpipe_fx.runtime.p2p import P2P
+from bitpipe_fx.runtime.predict import PredictInterpreter, share
 from bitpipe_fx.runtime.specs import BoundarySpecs, TensorSpec
 from bitpipe_fx.runtime.timeline import Recorder, merge
 from bitpipe_fx.schedules.ir import Program
@@ -93,6 +94,7 @@ class DistributedExecutor:
             True: DeviceInterpreter(self.device, program, chunks, self._p2p[True], self.gradsync.start),
             False: DeviceInterpreter(self.device, fwd, chunks, self._p2p[False], self.gradsync.start),
         }
+        self._predict = PredictInterpreter(self.device, fwd, chunks, self._p2p[False], self.gradsync.start)
         self.last_events: list[TraceEvent] = []
 
     @property
@@ -120,6 +122,17 @@ class DistributedExecutor:
             dist.all_gather_object(gathered, recorder.events)
             self.last_events = merge(ev or [] for ev in gathered)
         return float(loss)
+
+    def predict(self, batch: list[MicroBatch]) -> dict[int, tuple[torch.Tensor, ...]]:
+        """Forward-only pass over this pipeline's ``batch``; every micro-batch's flat outputs, on every rank of
+        the pipeline (the last stage's ranks share theirs)."""
+        recorder = Recorder(self.rank, False)
+        self._predict.start(batch, recorder)
+        self._p2p[False].begin(recorder)
+        while not self._predict.done:
+            self._predict.run_next()
+        self._p2p[False].finish()
+        return share(self._predict.outputs, self.dp_index, self.world)
 
     def _wait(self, work: Any, what: str) -> None:
         start = time.perf_counter()

@@ -18,6 +18,7 @@ from bitpipe_fx.passes.stages import SplitModel
 from bitpipe_fx.runtime.batch import MicroBatch
 from bitpipe_fx.runtime.chunk import StageReplica, build_device
 from bitpipe_fx.runtime.interpreter import DeviceInterpreter, forward_only
+from bitpipe_fx.runtime.predict import PredictInterpreter
 from bitpipe_fx.runtime.specs import BoundarySpecs, check_message
 from bitpipe_fx.runtime.timeline import Recorder, merge
 from bitpipe_fx.schedules.comm import Message
@@ -68,12 +69,14 @@ class LocalExecutor:
         self.device_replicas: list[dict[int, StageReplica]] = []
         self._train: list[DeviceInterpreter] = []
         self._eval: list[DeviceInterpreter] = []
+        self._predict: list[PredictInterpreter] = []
         fwd = forward_only(program)
         for d in range(program.devices):
             replicas, chunks = build_device(split, program.placement, d, loss_fn)
             self.device_replicas.append(replicas)
             self._train.append(DeviceInterpreter(d, program, chunks, self.mailbox, lambda r: None))
             self._eval.append(DeviceInterpreter(d, fwd, chunks, self.mailbox, lambda r: None))
+            self._predict.append(PredictInterpreter(d, fwd, chunks, self.mailbox, lambda r: None))
         self.last_events: list[TraceEvent] = []
 
     @property
@@ -89,6 +92,25 @@ class LocalExecutor:
         scale = 1.0 / len(batch)
         for it, rec in zip(interps, recorders):
             it.begin(batch, scale, train, rec)
+        self._drive(interps)
+        if train:
+            start = time.perf_counter()
+            self._sum_replicas()
+            self._sum_shared()
+            for rec in recorders:
+                rec.event("grad sum", "SYNC", -1, -1, -1, start, time.perf_counter())
+        self.last_events = merge(rec.events for rec in recorders)
+        return sum(it.loss_sum() for it in interps)
+
+    def predict(self, batch: list[MicroBatch]) -> dict[int, tuple[torch.Tensor, ...]]:
+        """Forward-only pass over ``batch``; the last stage's flat outputs by micro-batch."""
+        for d, it in enumerate(self._predict):
+            it.start(batch, Recorder(d, False))
+        self._drive(self._predict)
+        return {m: out for it in self._predict for m, out in it.outputs.items()}
+
+    def _drive(self, interps: list[DeviceInterpreter]) -> None:
+        """Let the devices take turns until every action ran (or nothing can run: a deadlock)."""
         self.mailbox.box.clear()
         while not all(it.done for it in interps):
             progressed = False
@@ -99,14 +121,6 @@ class LocalExecutor:
             if not progressed:
                 blocked = ", ".join(f"device {it.device} at {it.next_action}" for it in interps if not it.done)
                 raise PipelineRuntimeError(f"program {self.program.name!r} deadlocked: {blocked}")
-        if train:
-            start = time.perf_counter()
-            self._sum_replicas()
-            self._sum_shared()
-            for rec in recorders:
-                rec.event("grad sum", "SYNC", -1, -1, -1, start, time.perf_counter())
-        self.last_events = merge(rec.events for rec in recorders)
-        return sum(it.loss_sum() for it in interps)
 
     def _sum_replicas(self) -> None:
         """Every replica of a stage gets the sum of all replicas' gradients (the replica all-reduce)."""

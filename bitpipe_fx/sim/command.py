@@ -15,6 +15,7 @@ from pathlib import Path
 
 from bitpipe_fx.errors import BitPipeError, ConfigError
 from bitpipe_fx.schedules import SCHEDULES, generate, validate
+from bitpipe_fx.schedules.spec import ScheduleSpec, make_spec, parse_spec, split_specs
 from bitpipe_fx.sim.cost import CostModel
 from bitpipe_fx.sim.engine import SimReport, simulate
 from bitpipe_fx.sim.trace import write_chrome_trace
@@ -56,41 +57,18 @@ def cost_model(costs: dict[str, float], **comm) -> CostModel:
     return CostModel(forward=forward, backward=backward, weight_fraction=fraction, **comm)
 
 
-def parse_schedule(spec: str) -> tuple[str, dict]:
-    """``interleaved:chunks=4`` -> ("interleaved", {"chunks": 4})."""
-    name, *opts = spec.strip().split(":")
-    options: dict = {}
-    for opt in opts:
-        key, sep, value = opt.partition("=")
-        if not sep:
-            raise ConfigError(f"cannot read schedule option {opt!r} in {spec!r}; write NAME:key=value")
-        options[key] = _number(value)
-    return name, options
-
-
-def _number(text: str) -> int | float | str:
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def run_one(spec: str, devices: int, microbatches: int, cost: CostModel) -> Outcome:
-    """Generate, validate and simulate one schedule; a refusal becomes an Outcome with its reason."""
-    name, options = parse_schedule(spec)
+def run_one(spec: ScheduleSpec, devices: int, microbatches: int, cost: CostModel) -> Outcome:
+    """Generate, validate and simulate one (checked) schedule spec; a schedule that refuses this (D, N)
+    becomes an Outcome with its reason."""
     try:
-        program = generate(name, devices, microbatches, **options)
+        program = generate(spec.name, devices, microbatches, **spec.kwargs())
         validate(program)
-        return Outcome(spec, simulate(program, cost.scaled(devices / program.stages)))
+        return Outcome(str(spec), simulate(program, cost.scaled(devices / program.stages)))
     except BitPipeError as exc:
-        return Outcome(spec, None, str(exc))
-    except TypeError as exc:  # an option the generator does not take
-        return Outcome(spec, None, f"bad option for {name}: {exc}")
+        return Outcome(str(spec), None, str(exc))
 
 
-def compare(specs: list[str], devices: int, microbatches: int, cost: CostModel) -> list[Outcome]:
+def compare(specs: list[ScheduleSpec], devices: int, microbatches: int, cost: CostModel) -> list[Outcome]:
     """Every schedule in ``specs`` on the same work (costs per 1/D of the model)."""
     return [run_one(spec, devices, microbatches, cost) for spec in specs]
 
@@ -123,20 +101,20 @@ def format_table(outcomes: list[Outcome], reference: Outcome | None) -> str:
     return "\n".join(lines + rejected)
 
 
-def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
+def add_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
     """Register `bitpipe-fx simulate` and its arguments."""
-    p = subparsers.add_parser(name, help="compare schedules in the event simulator", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--devices", "-d", type=int, default=8, help="pipeline devices D (default 8)")
-    p.add_argument("--microbatches", "-n", type=int, default=16, help="micro-batches N per step (default 16)")
+    p = subparsers.add_parser(name, help=help, description=__doc__)
+    p.add_argument("--devices", "-d", type=int, default=8, help="pipeline devices D")
+    p.add_argument("--microbatches", "-n", type=int, default=16, help="micro-batches N per step")
     p.add_argument("--schedules", default=None,
-                   help="comma-separated names, NAME:key=value for options (default: every registered schedule)")
+                   help="comma-separated specs NAME[:key=value,...], e.g. gpipe,interleaved:chunks=2 "
+                        "(default: every registered schedule)")
     p.add_argument("--costs", default="F=1,B=2", help="F, B and optional W (weight part of B) per 1/D of the model")
     p.add_argument("--activation-bytes", type=float, default=0.0, help="bytes of one stage boundary per micro-batch")
     p.add_argument("--param-bytes", type=float, default=0.0, help="parameter bytes of 1/D of the model")
-    p.add_argument("--p2p-latency", type=float, default=0.0)
+    p.add_argument("--p2p-latency", type=float, default=0.0, help="time units per message")
     p.add_argument("--p2p-bandwidth", type=float, default=math.inf, help="bytes per time unit")
-    p.add_argument("--allreduce-latency", type=float, default=0.0, help="alpha")
+    p.add_argument("--allreduce-latency", type=float, default=0.0, help="alpha, time units")
     p.add_argument("--allreduce-bandwidth", type=float, default=math.inf, help="beta, bytes per time unit")
     p.add_argument("--data-parallel", type=int, default=1, help="data-parallel degree (all-reduce group factor)")
     p.add_argument("--png", type=Path, help="Gantt chart of every simulated schedule, stacked")
@@ -153,13 +131,14 @@ def main(args: argparse.Namespace) -> int:
         p2p_latency=args.p2p_latency, p2p_bandwidth=args.p2p_bandwidth, allreduce_latency=args.allreduce_latency,
         allreduce_bandwidth=args.allreduce_bandwidth, data_parallel=args.data_parallel,
     )
-    specs = [s.strip() for s in args.schedules.split(",") if s.strip()] if args.schedules else list(SCHEDULES)
+    # every spec is checked before anything runs: a typo is an error (exit 2), not a rejected row
+    specs = [parse_spec(s) for s in split_specs(args.schedules)] if args.schedules else list(map(make_spec, SCHEDULES))
     if not specs:
         raise ConfigError(f"no schedules to compare; choose from {sorted(SCHEDULES)}")
     outcomes = compare(specs, args.devices, args.microbatches, cost)
     reference = next((o for o in outcomes if o.label == REFERENCE), None)
     if reference is None and REFERENCE in SCHEDULES:
-        reference = run_one(REFERENCE, args.devices, args.microbatches, cost)
+        reference = run_one(make_spec(REFERENCE), args.devices, args.microbatches, cost)
     w = cost.backward * cost.weight_fraction
     print(f"D={args.devices} devices, N={args.microbatches} micro-batches; per 1/D of the model: "
           f"F={_fmt(cost.forward)} B={_fmt(cost.backward)} (I={_fmt(cost.backward - w)} W={_fmt(w)}); "

@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from bitpipe_fx.errors import ConfigError
+from bitpipe_fx.schedules.spec import ScheduleSpec, parse_spec
 from bitpipe_fx.train.job import DTYPES, OPTIMIZERS, TrainConfig, check, factory_target
+from bitpipe_fx.train.rundir import check_out, clear_run
 
 # `bitpipe-fx demo`: a GPT-style byte-level LM on the standard library's source, bitpipe on 4 local processes
 DEMO = {
@@ -39,46 +41,46 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in env or all(k in env for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR"))
 
 
-def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
+def add_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
     """Register `train` or `demo` (the same arguments; demo has the preset defaults)."""
-    helps = {
-        "train": "train a model with a pipeline schedule on local processes or under torchrun",
-        "demo": "a few-minute pipelined training run on local CPU processes, with its pictures",
-    }
-    p = subparsers.add_parser(name, help=helps[name], description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(name, help=help, description=__doc__)
     d = TrainConfig()
     p.add_argument("--model", default=d.model, help="gpt, bert, or MODULE:FACTORY returning (model, example_inputs)")
     p.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
                    help="model factory keyword argument (repeatable), e.g. --arg layers=12 --arg dim=256")
     p.add_argument("--task", default=None, help="lm (causal) or mlm (masked); default: from the model's inputs")
-    p.add_argument("--schedule", default=d.schedule, help="schedule name, NAME:key=value for options (default bitpipe)")
-    p.add_argument("--devices", "-d", type=int, default=d.devices, help="pipeline devices D (default %(default)s)")
-    p.add_argument("--microbatches", "-n", type=int, default=d.microbatches, help="micro-batches N (%(default)s)")
-    p.add_argument("--data-parallel", type=int, default=d.data_parallel, help="pipeline replicas (default %(default)s)")
-    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps in total (default %(default)s)")
+    p.add_argument("--schedule", default=d.schedule,
+                   help="schedule spec NAME[:key=value,...], e.g. interleaved:chunks=2")
+    p.add_argument("--devices", "-d", type=int, default=d.devices, help="pipeline devices D")
+    p.add_argument("--microbatches", "-n", type=int, default=d.microbatches, help="micro-batches N")
+    p.add_argument("--data-parallel", type=int, default=d.data_parallel, help="pipeline replicas")
+    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps in total")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per step, all micro-batches (default 16)")
     p.add_argument("--seq-len", type=int, default=None, help="bytes per sequence (default 64)")
-    p.add_argument("--optimizer", default=d.optimizer, help=f"{' | '.join(OPTIMIZERS)} (default sf-adamw)")
+    p.add_argument("--optimizer", default=d.optimizer, help=' | '.join(OPTIMIZERS))
     p.add_argument("--lr", type=float, default=None, help="learning rate (default 3e-3; 0.5 for sf-sgd)")
-    p.add_argument("--warmup", type=int, default=d.warmup, help="linear warm-up steps (default %(default)s)")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--dtype", default=d.dtype, help=f"{' | '.join(DTYPES)} (default float32)")
-    p.add_argument("--seed", type=int, default=d.seed, help="model weights and data order (default %(default)s)")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="linear warm-up steps")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="decoupled weight decay (>= 0)")
+    p.add_argument("--dtype", default=d.dtype, help=' | '.join(DTYPES))
+    p.add_argument("--seed", type=int, default=d.seed, help="model weights and data order")
     p.add_argument("--data", default=None, metavar="PATH",
                    help="text file or directory to train on (default: the Python standard library's source)")
-    p.add_argument("--max-bytes", type=int, default=d.max_bytes, help="read at most this many bytes (%(default)s)")
-    p.add_argument("--out", default=d.out, help="output folder (default %(default)s)")
+    p.add_argument("--max-bytes", type=int, default=d.max_bytes, help="read at most this many bytes")
+    p.add_argument("--out", default=d.out, help="output folder (a folder holding a run needs --resume or --overwrite)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --out (its checkpoints are deleted)")
+    p.add_argument("--resume-from", type=int, default=None, metavar="STEP",
+                   help="continue from the checkpoint of step STEP in --out (implies --resume)")
     p.add_argument("--eval-every", type=int, default=None, help="validate every K steps (default: steps/10)")
-    p.add_argument("--eval-batches", type=int, default=d.eval_batches, help="validation batches (default %(default)s)")
-    p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every K steps (%(default)s)")
-    p.add_argument("--record-step", type=int, default=None, help="step whose timeline is recorded (default 3rd)")
+    p.add_argument("--eval-batches", type=int, default=d.eval_batches, help="validation batches")
+    p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every K steps")
+    p.add_argument("--record-step", type=int, default=None,
+                   help="step whose timeline is recorded (default: the run's 3rd)")
     p.add_argument("--compare-steps", type=int, default=d.compare_steps,
-                   help="afterwards, train K steps without pipelining and compare the losses (default %(default)s)")
+                   help="afterwards, train K steps without pipelining and compare the losses")
     p.add_argument("--local", action="store_true", help="run every device in this one process (debugging)")
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even when GPUs are present")
-    p.add_argument("--threads", type=int, default=d.threads, help="torch threads per process (default %(default)s)")
+    p.add_argument("--threads", type=int, default=d.threads, help="torch threads per process")
     p.add_argument("--timeout", type=float, default=d.timeout, help="seconds before a stalled rank is an error")
     if name == "demo":
         p.set_defaults(**DEMO)
@@ -89,19 +91,40 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig the command line asks for (not yet checked)."""
     from bitpipe_fx.passes.command import parse_kwargs
-    from bitpipe_fx.sim.command import parse_schedule
 
-    schedule, options = parse_schedule(args.schedule)
+    spec = parse_spec(args.schedule)
     return TrainConfig(
         model=args.model, model_args=tuple(sorted(parse_kwargs(args.arg).items())), task=args.task,
-        schedule=schedule, schedule_options=tuple(sorted(options.items())), devices=args.devices,
+        schedule=spec.name, schedule_options=spec.options, devices=args.devices,
         microbatches=args.microbatches, data_parallel=args.data_parallel, steps=args.steps,
         batch_size=args.batch_size, seq_len=args.seq_len, optimizer=args.optimizer, lr=args.lr, warmup=args.warmup,
         weight_decay=args.weight_decay, dtype=args.dtype, seed=args.seed, data=args.data, max_bytes=args.max_bytes,
-        out=args.out, resume=args.resume, eval_every=args.eval_every, eval_batches=args.eval_batches,
+        out=args.out, resume=args.resume or args.resume_from is not None, resume_from=args.resume_from,
+        overwrite=args.overwrite, eval_every=args.eval_every, eval_batches=args.eval_batches,
         save_every=args.save_every, record_step=args.record_step, compare_steps=args.compare_steps,
         local=args.local, cpu=args.cpu, threads=args.threads, timeout=args.timeout,
     )
+
+
+def vocab_size(model: Any) -> int | None:
+    """Tokens the model's input embedding holds (Hugging Face's get_input_embeddings, or a config's vocab)."""
+    embeddings = getattr(model, "get_input_embeddings", None)
+    if callable(embeddings) and hasattr(embeddings(), "num_embeddings"):
+        return int(embeddings().num_embeddings)
+    config = getattr(model, "config", None)
+    size = getattr(config, "vocab_size", getattr(config, "vocab", None))
+    return size if isinstance(size, int) else None
+
+
+def check_vocab(model: Any, corpus: Any) -> None:
+    """Refuse a model whose vocabulary cannot hold every byte of the corpus (an IndexError in every rank)."""
+    from bitpipe_fx.train.data import needed_vocab
+
+    have, need = vocab_size(model), needed_vocab(corpus)
+    if have is not None and have < need:
+        raise ConfigError(f"the model's vocabulary has {have} tokens but {corpus.name} has byte values up to "
+                          f"{need - 1}: it needs at least {need}; give it a vocabulary of >= {need} "
+                         f"(the built-in models: drop --arg vocab={have}, they use 256)")
 
 
 def _backend(cfg: TrainConfig, per_node: int) -> str:
@@ -124,6 +147,7 @@ def prepare(cfg: TrainConfig) -> tuple[TrainConfig, Any, Any, Any]:
         raise ConfigError(f"--task {cfg.task!r} is unknown; use lm or mlm")
     corpus = load_corpus(cfg.data, cfg.max_bytes)
     Batches(corpus, cfg.task, cfg.batch_size, cfg.seq_len, cfg.seed)
+    check_vocab(model, corpus)
     if under_torchrun():
         world = int(os.environ["WORLD_SIZE"])
         if world != cfg.processes:
@@ -131,6 +155,9 @@ def prepare(cfg: TrainConfig) -> tuple[TrainConfig, Any, Any, Any]:
                 f"torchrun started {world} processes but --devices {cfg.devices} x --data-parallel "
                 f"{cfg.data_parallel} needs {cfg.processes}; use --nproc-per-node/--nnodes giving {cfg.processes}"
             )
+    check_out(cfg.out, cfg.resume, cfg.overwrite)
+    if cfg.overwrite and int(os.environ.get("RANK", "0")) == 0:
+        clear_run(cfg.out)
     try:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -146,13 +173,16 @@ def run(cfg: TrainConfig, command: str = "train") -> int:
     rank = int(os.environ.get("RANK", "0")) if torchrun else 0
     cfg, model, example, corpus = prepare(cfg)
     start, history = check_resume(cfg) if cfg.resume else (0, History())
+    if cfg.record_step is not None and cfg.record_step <= start:
+        raise ConfigError(f"--record-step {cfg.record_step} was trained before the checkpoint (step {start}); pass "
+                          f"a step in {start + 1}..{cfg.steps} or leave it out")
     say = print if rank == 0 else (lambda *a, **k: None)
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", cfg.processes)) if torchrun else cfg.processes
     backend = _backend(cfg, per_node)
     say(_header(cfg, command, model, corpus, torchrun, backend, start), flush=True)
     plan_path = None
     if not torchrun:
-        from bitpipe_fx.plan import build_plan
+        from bitpipe_fx.compiler import build_plan
 
         plan, _ = build_plan(model, example, cfg.schedule, cfg.devices, cfg.microbatches, **dict(cfg.schedule_options))
         plan_path = str(Path(cfg.out) / "plan.json")
@@ -193,7 +223,7 @@ def _header(cfg: TrainConfig, command: str, model: Any, corpus: Any, torchrun: b
     params = sum(p.numel() for p in model.parameters())
     where = (f"{cfg.processes} torchrun processes" if torchrun else "one process (--local)" if cfg.local
              else f"{cfg.processes} local processes")
-    schedule = cfg.schedule + "".join(f":{k}={v}" for k, v in cfg.schedule_options)
+    schedule = ScheduleSpec(cfg.schedule, cfg.schedule_options)
     rows = cfg.rows_per_microbatch
     lines = [
         f"bitpipe-fx {command}: {type(model).__name__} ({params / 1e6:.2f} M parameters, {cfg.dtype}), task "

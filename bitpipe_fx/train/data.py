@@ -1,12 +1,12 @@
 """A byte-level text corpus that needs no download, and a loader whose batch is a pure function of the step.
 
 By default the corpus is the Python standard library's own source files (``*.py`` under ``sysconfig``'s
-``stdlib`` path, tests and installed packages left out): text that exists wherever Python does. Any other
-text file or directory can be given instead (in a directory, hidden entries and binary files, those with a
-NUL byte in their first 8 KiB, are skipped). Files are read in sorted order up to ``max_bytes``; a file goes
-to validation when the CRC-32 of its relative path is 0 modulo ``VAL_EVERY``, so the split is the same on every
-machine and every run (a single file is split at 90 %). NUL bytes are dropped so that byte 0 can play
-``[MASK]`` for masked-LM training; the vocabulary is the 256 byte values.
+``stdlib`` path, tests and installed packages left out): text that exists wherever Python does. Any other text
+file or directory can be given instead (in a directory, hidden entries and binary files, those with a NUL byte
+in their first 8 KiB, are skipped; a binary file named itself is refused). Files are read in sorted order up
+to ``max_bytes``; a file goes to validation when the CRC-32 of its relative path is 0 modulo ``VAL_EVERY``, so
+the split is the same on every machine and every run (a single file is split at 90 %). NUL bytes are dropped
+so that byte 0 can play ``[MASK]`` for masked-LM training; the vocabulary is the 256 byte values.
 
 Batch ``k`` of a run is drawn from a generator seeded with ``(seed, k)``: a resumed run sees exactly the
 batches an uninterrupted run would, with no loader state to checkpoint.
@@ -95,7 +95,10 @@ def load_corpus(path: str | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> 
         if total >= max_bytes:
             break
         data = f.read_bytes()[: max_bytes - total]
-        if not data or (f != root and not _is_text(data)):  # a file named explicitly is read as text
+        if f == root and not _is_text(data):  # one rule for text: no NUL in the first 8 KiB
+            raise ConfigError(f"--data {path!r} is not a text file (it has NUL bytes in its first 8 KiB); pass a "
+                              "text file, or a directory (binary files in it are skipped)")
+        if not data or not _is_text(data):
             continue
         data = data.replace(b"\0", b"") + b"\n"
         total += len(data)
@@ -110,6 +113,11 @@ def load_corpus(path: str | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> 
         cut = len(whole) - len(whole) // 10
         train_bytes, val_bytes = whole[:cut], whole[cut:]
     return Corpus(name, used, _tensor(train_bytes), _tensor(val_bytes))
+
+
+def needed_vocab(corpus: Corpus) -> int:
+    """Tokens a model needs to read this corpus: its largest byte value + 1 (MASK, 0, is below it)."""
+    return max(int(t.max()) for t in (corpus.train, corpus.val) if len(t)) + 1
 
 
 def _tensor(data: bytes) -> torch.Tensor:

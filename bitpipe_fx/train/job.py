@@ -21,10 +21,11 @@ DEFAULT_LR = {"sf-adamw": 3e-3, "sf-sgd": 0.5, "adamw-rex": 3e-3}
 DTYPES = ("float32", "float64", "bfloat16")
 DEFAULT_SEQ, DEFAULT_BATCH = 64, 16
 
-# fields a resumed run must share with the checkpoint's run (everything that changes the numbers)
+# fields a resumed run must share with the checkpoint's run (everything that changes the numbers; the schedule,
+# D and data-parallel size may change: checkpoints are by original names)
 RESUME_FIELDS = (
-    "model", "model_args", "task", "schedule", "schedule_options", "devices", "microbatches", "data_parallel",
-    "batch_size", "seq_len", "optimizer", "lr", "warmup", "weight_decay", "dtype", "seed", "data", "max_bytes",
+    "model", "model_args", "task", "microbatches", "batch_size", "seq_len", "optimizer", "lr", "warmup",
+    "weight_decay", "dtype", "seed", "data", "max_bytes",
 )
 
 
@@ -53,6 +54,8 @@ class TrainConfig:
     max_bytes: int = 16 * 2**20
     out: str = "runs/train"
     resume: bool = False
+    overwrite: bool = False
+    resume_from: int | None = None
     eval_every: int | None = None
     eval_batches: int = 4
     save_every: int = 50
@@ -108,6 +111,13 @@ def check(cfg: TrainConfig) -> None:
         raise ConfigError(f"--lr must be a positive number, got {cfg.lr}")
     if cfg.warmup < 0 or cfg.save_every < 0 or cfg.compare_steps < 0 or (cfg.eval_every or 0) < 0:
         raise ConfigError("--warmup, --save-every, --eval-every and --compare-steps must be >= 0")
+    if not (cfg.weight_decay >= 0 and math.isfinite(cfg.weight_decay)):
+        raise ConfigError(f"--weight-decay must be a number >= 0, got {cfg.weight_decay}")
+    if cfg.record_step is not None and not 1 <= cfg.record_step <= cfg.steps:
+        raise ConfigError(f"--record-step {cfg.record_step} is not a step of this run; pass a step in 1..{cfg.steps} "
+                          "(--steps) or leave it out (the third step is recorded)")
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("--resume continues the run in --out and --overwrite replaces it; pass one of them")
     if cfg.timeout <= 0:
         raise ConfigError(f"--timeout must be > 0 seconds, got {cfg.timeout}")
     if cfg.local and cfg.data_parallel != 1:

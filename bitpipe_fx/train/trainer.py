@@ -10,8 +10,10 @@ Schedule-Free's switch to the averaged weights and back is not bit-exact).
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,6 +133,19 @@ def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def tag_warnings(rank: int) -> None:
+    """Prefix the warnings of ranks other than 0 with their rank (rank 0 alone prints the plan and progress)."""
+    if rank == 0:
+        return
+    plain = warnings.formatwarning
+
+    def tagged(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+               line: str | None = None) -> str:
+        return f"[rank {rank}] {plain(message, category, filename, lineno, line)}"
+
+    warnings.formatwarning = tagged
+
+
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -143,6 +158,7 @@ def worker(cfg: TrainConfig, plan_path: str | None, start: int, history: History
     _thread_lock_for_tqdm()
     torch.set_num_threads(cfg.threads)
     rank, _, backend = _rank()
+    tag_warnings(rank)
     device = device_for(backend, cfg.cpu)
     torch.manual_seed(cfg.seed)
     model, example = build_model(cfg)
@@ -158,9 +174,9 @@ def worker(cfg: TrainConfig, plan_path: str | None, start: int, history: History
         pipe.plan.save(Path(cfg.out) / "plan.json")
         print(pipe.plan.summary(), flush=True)
     if start:
-        state = checkpoint.load_rank(cfg.out, start, rank, device)
-        pipe.load_state_dict(state["pipe"])
-        _set_rng_state(state["rng"], device)
+        extra = pipe.load_checkpoint(checkpoint.step_dir(cfg.out, start), extra=(checkpoint.rng_key(rank),))
+        if extra:  # a rank of a run resharded onto more ranks keeps its seeded state
+            _set_rng_state(extra[checkpoint.rng_key(rank)], device)
     dp_index = rank // cfg.devices if pipe.distributed else 0
 
     def batch(data: Any) -> Any:
@@ -191,7 +207,11 @@ def worker(cfg: TrainConfig, plan_path: str | None, start: int, history: History
         if k % cfg.eval_every == 0:
             validate(k)
         if (cfg.save_every and k % cfg.save_every == 0) or k == cfg.steps:
-            checkpoint.save_rank(cfg.out, k, rank, {"pipe": pipe.state_dict(), "rng": _rng_state(device)})
+            partial = checkpoint.partial_dir(cfg.out, k)
+            if rank == 0 and partial.exists():  # left by an interrupted save: start the folder clean
+                shutil.rmtree(partial)
+            _barrier()
+            pipe.save_checkpoint(partial, extra={checkpoint.rng_key(rank): _rng_state(device)})
             _barrier()
             if rank == 0:
                 checkpoint.commit(cfg.out, k, cfg, history)

@@ -1,0 +1,119 @@
+"""One schedule spec, ``name[:key=value,...]``, read the same way by compile() and every sub-command.
+
+``interleaved:chunks=2`` names the schedule and its generator options; a value is typed by what the
+generator's parameter accepts (int, float, bool as true/false, None as none, else str). An unknown
+schedule, an unknown option or a value of the wrong type is a ScheduleError listing the valid ones, with
+the same text wherever the spec came from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from bitpipe_fx.errors import ScheduleError
+from bitpipe_fx.schedules.registry import ANY, check_options, option_types, require_schedule, type_names
+
+OptionValue = int | float | bool | str | tuple[float, ...] | None
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """A checked schedule name and its generator options, sorted by name."""
+
+    name: str
+    options: tuple[tuple[str, OptionValue], ...] = ()
+
+    def kwargs(self) -> dict[str, OptionValue]:
+        """The options as keyword arguments of ``generate``."""
+        return dict(self.options)
+
+    def __str__(self) -> str:
+        opts = ",".join(f"{k}={_text(v)}" for k, v in self.options)
+        return f"{self.name}:{opts}" if opts else self.name
+
+
+def _text(value: OptionValue) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value).lower()
+    return str(value)
+
+
+def _typed(name: str, key: str, text: str) -> OptionValue:
+    """The value of option ``key`` written as ``text``, typed by what schedule ``name`` accepts."""
+    known = option_types(name)
+    if key not in known and "**" not in known:
+        check_options(name, {key: text})  # raises the unknown-option error, naming the valid ones
+    accepted = known.get(key, known.get("**", ()))
+    lowered = text.strip().lower()
+    if type(None) in accepted and lowered == "none":
+        return None
+    if bool in accepted and lowered in ("true", "false"):
+        return lowered == "true"
+    for cast in (int, float):
+        if cast in accepted or ANY in accepted or (cast is int and float in accepted):
+            try:
+                return cast(text)
+            except ValueError:
+                pass
+    if str in accepted or ANY in accepted:
+        return text
+    raise ScheduleError(f"option {key} of schedule {name!r} takes {type_names(accepted)}, got {text!r}")
+
+
+def make_spec(name: str, options: Mapping[str, object] | None = None) -> ScheduleSpec:
+    """A ScheduleSpec from a registered name and Python option values, checked against the generator."""
+    require_schedule(name)
+    opts = dict(options or {})
+    check_options(name, opts)
+    return ScheduleSpec(name, tuple(sorted((k, _hashable(v)) for k, v in opts.items())))
+
+
+def _hashable(value: object) -> OptionValue:
+    return tuple(value) if isinstance(value, list) else value  # type: ignore[return-value]
+
+
+def parse_spec(text: str) -> ScheduleSpec:
+    """``"interleaved:chunks=2"`` -> ScheduleSpec("interleaved", (("chunks", 2),)); options may be separated
+    by commas or colons."""
+    if not isinstance(text, str):
+        raise ScheduleError(f"a schedule is named by a string NAME[:key=value,...], got {text!r}")
+    name, _, rest = text.strip().partition(":")
+    name = require_schedule(name.strip())
+    options: dict[str, OptionValue] = {}
+    for item in filter(None, (t.strip() for t in rest.replace(":", ",").split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ScheduleError(f"cannot read schedule option {item!r} in {text!r}; write NAME:key=value[,key=value]")
+        options[key] = _typed(name, key, value.strip())
+    return make_spec(name, options)
+
+
+def schedule_spec(schedule: str | ScheduleSpec, options: Mapping[str, object] | None = None) -> ScheduleSpec:
+    """compile()'s ``schedule`` (a spec string or ScheduleSpec) merged with its keyword options; an option
+    given both ways with different values is refused."""
+    spec = schedule if isinstance(schedule, ScheduleSpec) else parse_spec(schedule)
+    merged = spec.kwargs()
+    for key, value in (options or {}).items():
+        if key in merged and merged[key] != _hashable(value):
+            raise ScheduleError(
+                f"schedule option {key} is {merged[key]!r} in {str(spec)!r} but {value!r} as a keyword; give it once"
+            )
+        merged[key] = value  # type: ignore[assignment]
+    return make_spec(spec.name, merged)
+
+
+def split_specs(text: str) -> list[str]:
+    """A comma-separated list of specs: ``"gpipe,interleaved:chunks=2,bitpipe"``; an item ``key=value``
+    without a colon continues the spec before it (``"interleaved:chunks=2,x=1"`` is one spec)."""
+    specs: list[str] = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        if "=" in item and ":" not in item and specs:
+            specs[-1] += "," + item
+        else:
+            specs.append(item)
+    return specs
+
+
+__all__ = ["OptionValue", "ScheduleSpec", "make_spec", "parse_spec", "schedule_spec", "split_specs"]
