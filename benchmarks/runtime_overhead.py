@@ -38,7 +38,7 @@ from _common import Column, machine_info, machine_line, markdown_table, parser, 
 import bitpipe_fx
 from bitpipe_fx.api import CompiledPipeline
 from bitpipe_fx.examples.models import gpt, lm_batch, lm_loss
-from bitpipe_fx.plan import build_plan
+from bitpipe_fx.compiler import build_plan
 from bitpipe_fx.schedules.ir import Action, Program
 
 FULL = {"model": {"vocab": 2048, "seq": 128, "dim": 256, "heads": 4, "layers": 8, "micro_batch": 3},
