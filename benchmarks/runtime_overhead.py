@@ -69,8 +69,9 @@ def step_figures(pipe: CompiledPipeline, tokens: torch.Tensor, targets: torch.Te
             durations[e.name] = e.end - e.start
     actions = sum(len(row) for row in pipe.program.device_actions)
     compute = sum(sums[k] for k in COMPUTE)
-    return {**sums, "wall": wall, "actions": actions, "compute": compute,
-            "python_per_action": (wall - compute - sums["SYNC"]) / actions, "durations": durations}
+    grad_sum = max((e.end - e.start for e in pipe.last_timeline if e.kind == "SYNC"), default=0.0)  # one per device
+    return {**sums, "wall": wall, "actions": actions, "compute": compute, "grad_sum": grad_sum,
+            "python_per_action": (wall - compute - grad_sum) / actions, "durations": durations}
 
 
 def kind_minimum(rounds: list[dict[str, Any]], kind: str) -> float:
