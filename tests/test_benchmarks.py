@@ -196,3 +196,37 @@ def test_prediction_smoke_reports_measured_and_predicted_bubbles(tmp_path):
         assert r["measured_step_s"] <= r["measured_wall_s"] * 1.5
         assert r["measured_imbalance"] >= 1.0
     assert [r["stages"] for r in data["rows"]] == [2, 4]
+
+
+# ---- runtime_overhead.py -------------------------------------------------------------------------
+
+
+def test_fused_peer_replaces_each_i_by_b_and_drops_w():
+    ro = _load("runtime_overhead")
+    from bitpipe_fx.schedules import generate, validate
+
+    program = generate("zbv", 2, 4)
+    peer = ro.fused(program)
+    validate(peer)
+    for row, peer_row in zip(program.device_actions, peer.device_actions):
+        assert [a for a in peer_row if a.kind != "B"] == [a for a in row if a.kind not in ("I", "W")]
+        assert [(a.chunk, a.microbatch) for a in peer_row if a.kind == "B"] == \
+            [(a.chunk, a.microbatch) for a in row if a.kind == "I"]
+
+
+def test_runtime_overhead_smoke_reports_ratios_and_equal_gradients(tmp_path):
+    data = _run("runtime_overhead.py", tmp_path)
+    (row,) = data["rows"]
+    assert row["grad_max_abs_diff"] <= 1e-5  # the split and the fused step compute the same gradients
+    for key in ("b_ms", "i_ms", "w_ms", "iw_over_b", "python_ms_per_action", "split_step_over_fused"):
+        assert row[key] > 0, key
+    rounds = data["raw"]["rounds"]
+    assert len(rounds["fused"]) == len(rounds["split"]) == data["config"]["rounds"]
+    assert all(r["I"] == 0 and r["W"] == 0 and r["B"] > 0 for r in rounds["fused"])
+    assert all(r["B"] == 0 and r["I"] > 0 and r["W"] > 0 for r in rounds["split"])
+    from bitpipe_fx.schedules import generate
+
+    n = data["config"]["microbatches"]
+    syncs = sum(a.kind == "SYNC" for row in generate("zbv", 2, n).device_actions for a in row)
+    assert rounds["fused"][0]["actions"] == 2 * 4 * n + syncs  # 4 stages x (F + B) per micro-batch
+    assert rounds["split"][0]["actions"] == 3 * 4 * n + syncs  # 4 stages x (F + I + W)

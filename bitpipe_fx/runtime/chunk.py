@@ -84,6 +84,7 @@ class Chunk:
         self.pipe, self.stage, self.replica, self.spec, self.last = pipe, stage, replica, spec, last
         self.loss_fn, self.unflatten_output = loss_fn, unflatten_output
         self.saved: dict[int, _Saved] = {}
+        self.splitter = splitbw.StageSplitter(replica.trainable)
 
     # ---- forward --------------------------------------------------------------------------------
 
@@ -145,8 +146,8 @@ class Chunk:
         saved.out_grads = list(out_grads) if out_grads is not None else None
         if not saved.roots or not saved.leaves:  # nothing to send: W does the whole backward
             return [torch.zeros_like(leaf) for leaf in saved.leaves]
-        grads, saved.deferred = splitbw.backward_input(
-            saved.roots, self._root_grads(saved, out_grads), saved.leaves, self.replica.trainable
+        grads, saved.deferred = self.splitter.backward_input(
+            saved.roots, self._root_grads(saved, out_grads), saved.leaves
         )
         return [g if g is not None else torch.zeros_like(leaf) for g, leaf in zip(grads, saved.leaves)]
 

@@ -50,6 +50,9 @@ class DeviceInterpreter:
         self.device, self.program, self.chunks = device, program, chunks
         self.transport, self.on_sync = transport, on_sync
         self.actions = program.actions(device)
+        # per position, derived once per program: what the action consumes and produces
+        self._consumed = [consumed_value(program, a) for a in self.actions]
+        self._produced = [produced_value(program, a) for a in self.actions]
         self._chunks_per_replica: dict[int, int] = {}
         for c in chunks.values():
             self._chunks_per_replica[id(c.replica)] = self._chunks_per_replica.get(id(c.replica), 0) + 1
@@ -77,14 +80,15 @@ class DeviceInterpreter:
 
     def ready(self) -> bool:
         """Whether the next action's inputs are here (local hand-off done, or message arrived)."""
-        value = consumed_value(self.program, self.next_action)
+        value = self._consumed[self.pos]
         if value is None:
             return True
         return value in self.handoff if value.src == value.dst else self.transport.ready(value)
 
     def run_next(self) -> None:
         """Execute the next action (blocking on its message in the distributed executor)."""
-        a = self.next_action
+        i = self.pos
+        a = self.actions[i]
         self.pos += 1
         if a.kind == "SYNC":
             self._sync(a)
@@ -92,15 +96,14 @@ class DeviceInterpreter:
         chunk = self.chunks.get(a.chunk)
         if chunk is None:
             raise PipelineRuntimeError(f"device {self.device} runs {a} but does not hold chunk {a.chunk}")
-        received = self._receive(a)
+        received = self._receive(a, self._consumed[i])
         start = time.perf_counter()
         produced = self._compute(chunk, a, received)
         self.recorder.action(a, start, time.perf_counter())
         if produced is not None:
-            self._produce(a, produced)
+            self._produce(a, self._produced[i], produced)
 
-    def _receive(self, a: Action) -> list[torch.Tensor] | None:
-        value = consumed_value(self.program, a)
+    def _receive(self, a: Action, value: Message | None) -> list[torch.Tensor] | None:
         if value is None:
             return None
         if value.src != value.dst:
@@ -128,8 +131,7 @@ class DeviceInterpreter:
         chunk.backward_weight(a.microbatch)
         return None
 
-    def _produce(self, a: Action, tensors: list[torch.Tensor]) -> None:
-        value = produced_value(self.program, a)
+    def _produce(self, a: Action, value: Message | None, tensors: list[torch.Tensor]) -> None:
         if value is None:
             return
         if value.src != value.dst:

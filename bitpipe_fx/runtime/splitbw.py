@@ -9,6 +9,12 @@ nodes with the recorded gradients and computes only their weight branches.
 A weight branch must be exclusive to its boundary node (no other node feeds gradients into it), else
 starting there would miss or double-count contributions; parameters under shared branches (a weight used
 twice in one stage) are computed in I instead and handed to W as finished gradients.
+
+Which walk positions are boundary nodes is structural: every micro-batch of a stage builds the same graph,
+so a ``StageSplitter`` analyses it once (a ``WeightPlan``) and afterwards only walks the new graph and checks
+its signature, re-analysing if the structure changed. W needs one engine call per boundary node: boundary
+nodes lie on one input-gradient chain, and a single call rooted at all of them would make autograd run
+that chain again between them (it executes every node on a path to a requested parameter).
 """
 
 from __future__ import annotations
@@ -20,10 +26,16 @@ import torch
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 Node = object  # torch.autograd.graph.Node (C++ objects; hashable by identity)
+_INPUT, _OTHER = -2, -1  # leaf markers in a signature besides a parameter's index
 
 
-def _children(node: Node) -> list[Node]:
-    return [child for child, _ in node.next_functions if child is not None]
+@dataclass(frozen=True)
+class WeightPlan:
+    """One stage's backward structure: graph signature, boundary positions with param indices, eager params."""
+
+    signature: tuple
+    boundary: tuple[tuple[int, tuple[int, ...]], ...]
+    eager: tuple[int, ...]
 
 
 @dataclass
@@ -35,84 +47,146 @@ class DeferredWeights:
     eager: list[tuple[torch.nn.Parameter, torch.Tensor]] = field(default_factory=list)
 
 
-def _analyse(roots: Sequence[torch.Tensor], leaves: Sequence[torch.Tensor], params: Sequence[torch.nn.Parameter]):
-    """Boundary nodes with exclusive weight branches (and their params), and the params left for I."""
-    leaf_nodes = {id(get_gradient_edge(t).node) for t in leaves}
-    param_of = {id(get_gradient_edge(p).node): p for p in params}
-    starts = [get_gradient_edge(r).node for r in roots]
-    order: list[Node] = []  # post-order: children before parents
-    parents: dict[int, set[int]] = {}
-    seen: set[int] = set()
-    stack: list[tuple[Node, bool]] = [(n, False) for n in starts]
+@dataclass(frozen=True)
+class _Walk:
+    """The nodes reachable from the roots in a deterministic order, each node's children as positions."""
+
+    nodes: list[Node]
+    children: list[tuple[int, ...]]
+    signature: tuple
+
+
+def _walk(roots: Sequence[torch.Tensor], leaves: Sequence[torch.Tensor], params: Sequence[torch.nn.Parameter]
+          ) -> _Walk:
+    """Depth-first walk from the roots; the signature pins node types, edges and which leaf is which."""
+    root_edges = [get_gradient_edge(r) for r in roots]
+    pos: dict[Node, int] = {}
+    nodes: list[Node] = []
+    nexts: list[tuple] = []
+    stack = [e.node for e in reversed(root_edges)]
     while stack:
-        node, expanded = stack.pop()
+        node = stack.pop()
+        if node in pos:
+            continue
+        pos[node] = len(nodes)
+        nodes.append(node)
+        nf = node.next_functions
+        nexts.append(nf)
+        stack.extend(child for child, _ in reversed(nf) if child is not None)
+    marker = {get_gradient_edge(t).node: _INPUT for t in leaves}
+    marker.update({get_gradient_edge(p).node: i for i, p in enumerate(params)})
+    children = [tuple(pos[c] for c, _ in nf if c is not None) for nf in nexts]
+    signature = (
+        tuple((pos[e.node], e.output_nr) for e in root_edges),
+        tuple((type(n), tuple((-1 if c is None else pos[c], k) for c, k in nf), marker.get(n, _OTHER))
+              for n, nf in zip(nodes, nexts)),
+    )
+    return _Walk(nodes, children, signature)
+
+
+def _post_order(children: list[tuple[int, ...]], starts: Sequence[int]) -> list[int]:
+    """Positions with every node after all its children."""
+    order: list[int] = []
+    done: set[int] = set()
+    stack: list[tuple[int, bool]] = [(s, False) for s in starts]
+    while stack:
+        n, expanded = stack.pop()
         if expanded:
-            order.append(node)
+            order.append(n)
             continue
-        if id(node) in seen:
+        if n in done:
             continue
-        seen.add(id(node))
-        stack.append((node, True))
-        for child in _children(node):
-            parents.setdefault(id(child), set()).add(id(node))
-            if id(child) not in seen:
-                stack.append((child, False))
-    reach_in: dict[int, bool] = {}
-    reach_p: dict[int, bool] = {}
-    for node in order:
-        kids = _children(node)
-        reach_in[id(node)] = id(node) in leaf_nodes or any(reach_in[id(c)] for c in kids)
-        reach_p[id(node)] = id(node) in param_of or any(reach_p[id(c)] for c in kids)
+        done.add(n)
+        stack.append((n, True))
+        stack.extend((c, False) for c in children[n] if c not in done)
+    return order
 
-    def weight_only(n: Node) -> bool:
-        return reach_p[id(n)] and not reach_in[id(n)]
 
-    boundary: list[tuple[Node, list[torch.nn.Parameter]]] = []
+def _analyse(walk: _Walk) -> WeightPlan:
+    """Boundary nodes with exclusive weight branches (and their params), and the params left for I."""
+    roots, marks = walk.signature[0], [entry[2] for entry in walk.signature[1]]
+    children = walk.children
+    parents: dict[int, set[int]] = {}
+    for n, kids in enumerate(children):
+        for c in kids:
+            parents.setdefault(c, set()).add(n)
+    order = _post_order(children, [r for r, _ in roots])
+    reach_in = [False] * len(children)
+    reach_p = [False] * len(children)
+    for n in order:
+        reach_in[n] = marks[n] == _INPUT or any(reach_in[c] for c in children[n])
+        reach_p[n] = marks[n] >= 0 or any(reach_p[c] for c in children[n])
+
+    def weight_only(n: int) -> bool:
+        return reach_p[n] and not reach_in[n]
+
+    boundary: list[tuple[int, tuple[int, ...]]] = []
     deferred: set[int] = set()
-    for node in order:
-        if weight_only(node):
+    for n in order:
+        if weight_only(n):
             continue
-        branch: dict[int, Node] = {}
-        todo = [c for c in _children(node) if weight_only(c)]
+        branch: set[int] = set()
+        todo = [c for c in children[n] if weight_only(c)]
         while todo:
-            n = todo.pop()
-            if id(n) not in branch:
-                branch[id(n)] = n
-                todo.extend(_children(n))
-        if not branch:
-            continue
-        inside = set(branch) | {id(node)}
-        if all(parents.get(i, set()) <= inside for i in branch):
-            ps = [param_of[i] for i in branch if i in param_of]
-            boundary.append((node, ps))
-            deferred.update(id(p) for p in ps)
-    reached = [p for p in params if reach_p.get(id(get_gradient_edge(p).node), False)]
-    eager = [p for p in reached if id(p) not in deferred]
-    return boundary, eager
+            b = todo.pop()
+            if b not in branch:
+                branch.add(b)
+                todo.extend(children[b])
+        if branch and all(parents.get(b, set()) <= branch | {n} for b in branch):
+            ps = tuple(sorted(marks[b] for b in branch if marks[b] >= 0))
+            boundary.append((n, ps))
+            deferred.update(ps)
+    reached = sorted(marks[n] for n in range(len(children)) if marks[n] >= 0 and reach_p[n])
+    return WeightPlan(walk.signature, tuple(boundary), tuple(i for i in reached if i not in deferred))
+
+
+class StageSplitter:
+    """Split backward of one stage's parameters; the weight plan is analysed once and reused per micro-batch."""
+
+    def __init__(self, params: Sequence[torch.nn.Parameter]) -> None:
+        self.params = list(params)
+        self.plan: WeightPlan | None = None
+        self.analyses = 0  # how often the graph was analysed (1 while the structure stays the same)
+
+    def _plan(self, walk: _Walk) -> WeightPlan:
+        if self.plan is None or self.plan.signature != walk.signature:
+            self.plan = _analyse(walk)
+            self.analyses += 1
+        return self.plan
+
+    def backward_input(
+        self, roots: Sequence[torch.Tensor], root_grads: Sequence[torch.Tensor] | None, leaves: Sequence[torch.Tensor]
+    ) -> tuple[list[torch.Tensor | None], DeferredWeights]:
+        """Gradients of ``leaves`` (retaining the graph), and what ``backward_weight`` needs."""
+        walk = _walk(roots, leaves, self.params)
+        plan = self._plan(walk)
+        params = self.params
+        deferred = DeferredWeights(boundary=[(walk.nodes[n], [params[i] for i in ps]) for n, ps in plan.boundary])
+        recorded = deferred.recorded
+
+        def recorder(key: int):
+            def record(grads: tuple[torch.Tensor | None, ...]) -> None:
+                recorded[key] = tuple(grads)
+
+            return record
+
+        hooks = [node.register_prehook(recorder(id(node))) for node, _ in deferred.boundary]
+        eager = [params[i] for i in plan.eager]
+        try:
+            grads = torch.autograd.grad(roots, [*leaves, *eager], root_grads, retain_graph=True, allow_unused=True)
+        finally:
+            for h in hooks:
+                h.remove()
+        deferred.eager = [(p, g) for p, g in zip(eager, grads[len(leaves):]) if g is not None]
+        return list(grads[: len(leaves)]), deferred
 
 
 def backward_input(
     roots: Sequence[torch.Tensor], root_grads: Sequence[torch.Tensor] | None, leaves: Sequence[torch.Tensor],
     params: Sequence[torch.nn.Parameter],
 ) -> tuple[list[torch.Tensor | None], DeferredWeights]:
-    """Gradients of ``leaves`` (retaining the graph), and what ``backward_weight`` needs."""
-    boundary, eager = _analyse(roots, leaves, params)
-    deferred = DeferredWeights(boundary=boundary)
-
-    def recorder(key: int):
-        def record(grads: tuple[torch.Tensor | None, ...]) -> None:
-            deferred.recorded[key] = tuple(grads)
-
-        return record
-
-    hooks = [node.register_prehook(recorder(id(node))) for node, _ in boundary]
-    try:
-        grads = torch.autograd.grad(roots, [*leaves, *eager], root_grads, retain_graph=True, allow_unused=True)
-    finally:
-        for h in hooks:
-            h.remove()
-    deferred.eager = [(p, g) for p, g in zip(eager, grads[len(leaves):]) if g is not None]
-    return list(grads[: len(leaves)]), deferred
+    """One-off split (no reuse of the analysis): gradients of ``leaves`` and what ``backward_weight`` needs."""
+    return StageSplitter(params).backward_input(roots, root_grads, leaves)
 
 
 def backward_weight(deferred: DeferredWeights) -> None:
@@ -121,7 +195,7 @@ def backward_weight(deferred: DeferredWeights) -> None:
         recorded = deferred.recorded.get(id(node))
         if recorded is None or not params:
             continue
-        edges = [(GradientEdge(node, k), g) for k, g in enumerate(recorded) if g is not None]
-        torch.autograd.backward([e for e, _ in edges], [g for _, g in edges], inputs=params)
+        edges = [GradientEdge(node, k) for k, g in enumerate(recorded) if g is not None]
+        torch.autograd.backward(edges, [g for g in recorded if g is not None], inputs=params)
     for p, g in deferred.eager:
         p.grad.add_(g)

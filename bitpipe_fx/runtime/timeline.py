@@ -24,7 +24,8 @@ class Recorder:
         self.events: list[TraceEvent] = []
 
     def action(self, a: Action, start: float, end: float) -> None:
-        self.event(str(a), a.kind, a.pipe, a.stage, a.microbatch, start, end)
+        if self.enabled:  # str(a) costs more than the check
+            self.event(str(a), a.kind, a.pipe, a.stage, a.microbatch, start, end)
 
     def event(self, name: str, kind: str, pipe: int, stage: int, microbatch: int, start: float, end: float) -> None:
         if self.enabled:
