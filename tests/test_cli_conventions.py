@@ -115,7 +115,8 @@ def test_out_holding_a_run_is_refused_and_left_byte_identical(tmp_path, capsys):
     assert cli.main(["train", *TINY, "--local", "--out", str(out)]) == 0
     capsys.readouterr()
     before = tree(out)
-    assert {"plan.json", "metrics.json", "checkpoint/latest.json", "checkpoint/step-000002/rank0.pt"} <= set(before)
+    assert {"plan.json", "metrics.json", "checkpoint/latest.json", "checkpoint/step-000002/manifest.json"} \
+        <= set(before)
     proc = console("train", *TINY, "--local", "--out", str(out))
     assert proc.returncode == 2 and proc.stdout == ""
     assert error_of(proc, "train") == (
@@ -126,7 +127,7 @@ def test_out_holding_a_run_is_refused_and_left_byte_identical(tmp_path, capsys):
     (out / "notes.txt").write_text("mine")
     assert cli.main(["train", *TINY, "--local", "--steps", "1", "--out", str(out), "--overwrite"]) == 0
     after = tree(out)
-    assert "checkpoint/step-000002/rank0.pt" not in after and "checkpoint/step-000001/rank0.pt" in after
+    assert "checkpoint/step-000002/manifest.json" not in after and "checkpoint/step-000001/manifest.json" in after
     assert (out / "notes.txt").read_text() == "mine"  # only the run's own files are replaced
     assert cli.main(["train", *TINY, "--local", "--out", str(out), "--resume", "--overwrite"]) == 2
     err = capsys.readouterr().err
@@ -171,12 +172,14 @@ def test_usage_errors_are_one_line_with_exit_2():
 
 
 def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
-    proc = subprocess.Popen([str(EXE), "train", *TINY, "--steps", "100000", "--local", "--out", str(tmp_path / "o")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().startswith("bitpipe-fx train: ")  # the header: the run has started
+    argv = [str(EXE), "train", *TINY, "--steps", "100000", "--eval-every", "1", "--local", "--out", str(tmp_path / "o")]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    while not proc.stdout.readline().startswith("step "):  # training has started
+        assert proc.poll() is None, proc.stderr.read()
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130
+    assert proc.returncode == 130, err
     assert err == "bitpipe-fx train: interrupted (Ctrl-C); what was already saved is kept\n"
 
 
