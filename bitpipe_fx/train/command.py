@@ -22,13 +22,15 @@ import os
 import sys
 from dataclasses import astuple
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bitpipe_fx.errors import ConfigError
 from bitpipe_fx.schedules.spec import ScheduleSpec, parse_spec
 from bitpipe_fx.train.job import DTYPES, OPTIMIZERS, TrainConfig, check, factory_target
-from bitpipe_fx.train.report import Setting
 from bitpipe_fx.train.rundir import check_out, clear_run
+
+if TYPE_CHECKING:  # the report imports the plan and torch; the command line starts without them
+    from bitpipe_fx.train.report import Setting
 
 # `bitpipe-fx demo`: a GPT-style byte-level LM on the standard library's source, bitpipe on 4 local processes
 DEMO = {
@@ -284,6 +286,8 @@ def finish(cfg: TrainConfig, result: Any, start: int) -> int:
 
 def run_setting(cfg: TrainConfig) -> Setting:
     """How this run's ranks shared the machine (what the measured timeline's waiting means)."""
+    from bitpipe_fx.train.report import Setting
+
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", cfg.processes)) if under_torchrun() else cfg.processes
     return Setting(local=cfg.local, processes=per_node, cores=os.cpu_count() or 1,
                    cpu=_backend(cfg, per_node) == "gloo")
