@@ -92,3 +92,22 @@ def test_console_script_prints_one_line_and_no_traceback(tmp_path):
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("bitpipe-fx train: error: unknown schedule 'zigzag'")
     assert not (tmp_path / "o").exists()  # refused before the output folder was made
+
+
+def test_an_adamw_rex_run_past_its_horizon_stops_before_launch_with_what_to_do(tmp_path):
+    exe = Path(sys.executable).with_name("bitpipe-fx")
+    command = [str(exe)] if exe.exists() else [shutil.which("bitpipe-fx") or "bitpipe-fx"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "rex"
+    base = [*command, "train", *TINY, "--optimizer", "adamw-rex", "--max-bytes", "100000", "--local",
+            "--out", str(out)]
+    first = subprocess.run(base, capture_output=True, text=True, timeout=120, env=env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    proc = subprocess.run([*base, "--resume", "--steps", "4"], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == (
+        f"bitpipe-fx train: error: --resume: the adamw-rex run in {out} ended at its learning-rate horizon, step 2 "
+        "(REX decays the lr to 0 there), and cannot be extended; to train 4 steps with adamw-rex, start a new run "
+        "with --steps 4 (another --out, or --overwrite), or use sf-adamw / sf-sgd, which have no horizon\n")
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing written or removed

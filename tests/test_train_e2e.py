@@ -103,3 +103,5 @@ def test_example_script_in_one_process_matches_the_non_pipelined_reference(tmp_p
     assert reference["agree"] and len(reference["reference"]) == 2
     assert reference["max_rel_diff"] <= 1e-4
     assert "losses agree" in proc.stdout
+    assert "in one process (--local) running the 2 devices one after another" in proc.stdout
+    assert "  device 1: compute " in proc.stdout

@@ -97,8 +97,13 @@ def test_resume_accepts_another_schedule_and_device_count(tmp_path):
 def test_resume_refuses_a_changed_rex_horizon(tmp_path):
     cfg = replace(TINY, out=str(tmp_path), lr=3e-3, task="lm", eval_every=2, optimizer="adamw-rex")
     _checkpoint(cfg, 2)
-    with pytest.raises(ConfigError, match="adamw-rex's learning-rate profile spans the run's --steps 20"):
+    with pytest.raises(ConfigError) as info:
         checkpoint.check_resume(replace(cfg, steps=40))
+    assert str(info.value) == (
+        "--resume: adamw-rex's learning-rate profile spans the run's --steps 20 (its horizon, fixed at the start); "
+        "resume with --steps 20, or, to train 40 steps with adamw-rex, start a new run with --steps 40 (another "
+        "--out, or --overwrite), or use sf-adamw / sf-sgd, which have no horizon")
+    assert checkpoint.check_resume(cfg)[0] == 2  # up to its own horizon it continues
 
 
 @pytest.mark.parametrize("harm", ["truncate", "flip", "delete", "manifest"])

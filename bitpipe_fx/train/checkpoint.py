@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bitpipe_fx.errors import ConfigError
-from bitpipe_fx.optim.registry import OPTIMIZERS
-from bitpipe_fx.train.job import TrainConfig, resume_mismatch
+from bitpipe_fx.train.job import TrainConfig, horizon_problem, resume_mismatch
 
 LATEST, META, MANIFEST = "latest.json", "meta.json", "manifest.json"
 KEEP = 2  # step folders kept: the latest and one good one before it
@@ -194,9 +193,9 @@ def check_resume(cfg: TrainConfig) -> tuple[int, History]:
     why = resume_mismatch(saved, cfg)
     if why:
         raise ConfigError(f"--resume: {why}; resume with the same settings or use another --out folder")
-    if OPTIMIZERS[cfg.optimizer].spans_run and cfg.steps != saved.steps:
-        raise ConfigError(f"--resume: {cfg.optimizer}'s learning-rate profile spans the run's --steps {saved.steps}; "
-                          f"resume with --steps {saved.steps}")
+    why = horizon_problem(saved, cfg, step)
+    if why:
+        raise ConfigError(f"--resume: {why}")
     if cfg.steps <= step:
         raise ConfigError(f"--resume: the checkpoint is at step {step} already; pass --steps > {step} to train on")
     return step, History.from_dict(meta["history"])

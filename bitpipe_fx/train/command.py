@@ -20,13 +20,17 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import astuple
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bitpipe_fx.errors import ConfigError
 from bitpipe_fx.schedules.spec import ScheduleSpec, parse_spec
 from bitpipe_fx.train.job import DTYPES, OPTIMIZERS, TrainConfig, check, factory_target
 from bitpipe_fx.train.rundir import check_out, clear_run
+
+if TYPE_CHECKING:  # the report imports the plan and torch; the command line starts without them
+    from bitpipe_fx.train.report import Setting
 
 # `bitpipe-fx demo`: a GPT-style byte-level LM on the standard library's source, bitpipe on 4 local processes
 DEMO = {
@@ -255,15 +259,16 @@ def finish(cfg: TrainConfig, result: Any, start: int) -> int:
     if result.timeline:
         timeline = compare_timelines(plan, result.timeline, result.record_step)
         meta = {"schedule": cfg.schedule, "devices": cfg.devices, "microbatches": cfg.microbatches}
-        written += write_timeline_files(out, timeline, meta)
-        print(timeline.describe())
-        cores = os.cpu_count() or 1
-        if not cfg.local and not under_torchrun() and cfg.processes > cores and backend_is_cpu(cfg):
-            print(f"  ({cfg.processes} processes share {cores} CPU cores here: each has a core about "
-                  f"{cores / cfg.processes:.0%} of the time, and the measured step includes waiting for one)")
+        setting = run_setting(cfg)
+        written += write_timeline_files(out, timeline, meta, setting)
+        print(timeline.describe(setting))
         metrics["timeline"] = {"step": timeline.step, "measured_bubble": timeline.measured_bubble,
                                "predicted_bubble": timeline.predicted_bubble,
-                               "measured_makespan_s": timeline.measured_makespan}
+                               "measured_makespan_s": timeline.measured_makespan,
+                               "measured_split_s": [astuple(t) for t in timeline.measured_split],
+                               "predicted_split_s": [astuple(t) for t in timeline.predicted_split],
+                               "split": ["compute", "waiting for communication", "idle"],
+                               "measured_in": timeline.measured_figure(setting)}
     status = 0
     if cfg.compare_steps:
         from bitpipe_fx.train.reference import compare
@@ -279,9 +284,13 @@ def finish(cfg: TrainConfig, result: Any, start: int) -> int:
     return status
 
 
-def backend_is_cpu(cfg: TrainConfig) -> bool:
-    """Whether the ranks ran on the CPU (no GPU per process)."""
-    return _backend(cfg, cfg.processes) == "gloo"
+def run_setting(cfg: TrainConfig) -> Setting:
+    """How this run's ranks shared the machine (what the measured timeline's waiting means)."""
+    from bitpipe_fx.train.report import Setting
+
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", cfg.processes)) if under_torchrun() else cfg.processes
+    return Setting(local=cfg.local, processes=per_node, cores=os.cpu_count() or 1,
+                   cpu=_backend(cfg, per_node) == "gloo")
 
 
 def _median(values: list[float]) -> float:
@@ -296,4 +305,5 @@ def main(argv: list[str] | None = None) -> int:
     return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
-__all__ = ["DEMO", "add_parser", "config_from_args", "finish", "main", "prepare", "run", "under_torchrun"]
+__all__ = ["DEMO", "add_parser", "config_from_args", "finish", "main", "prepare", "run", "run_setting",
+           "under_torchrun"]

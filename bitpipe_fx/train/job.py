@@ -228,3 +228,18 @@ def resume_mismatch(saved: TrainConfig, cfg: TrainConfig) -> str | None:
         if a != b:
             return f"{name} is {b!r} but the checkpoint was trained with {a!r}"
     return None
+
+
+def horizon_problem(saved: TrainConfig, cfg: TrainConfig, step: int) -> str | None:
+    """Why ``cfg`` cannot resume the checkpoint of ``step`` of ``saved`` with an lr profile that spans the run
+    (REX decays the lr to 0 at the first run's --steps, fixed when it started), with what to do; None if it can.
+    The rule: such a run continues only up to its own horizon; past it, a new run is needed."""
+    if not OPTIMIZERS[cfg.optimizer].spans_run or cfg.steps == saved.steps:
+        return None
+    new_run = (f"to train {cfg.steps} steps with {cfg.optimizer}, start a new run with --steps {cfg.steps} "
+               f"(another --out, or --overwrite), or use sf-adamw / sf-sgd, which have no horizon")
+    if step >= saved.steps:
+        return (f"the {cfg.optimizer} run in {cfg.out} ended at its learning-rate horizon, step {saved.steps} "
+                f"(REX decays the lr to 0 there), and cannot be extended; {new_run}")
+    return (f"{cfg.optimizer}'s learning-rate profile spans the run's --steps {saved.steps} (its horizon, fixed at "
+            f"the start); resume with --steps {saved.steps}, or, {new_run}")
