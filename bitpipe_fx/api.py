@@ -70,7 +70,8 @@ class CompiledPipeline:
     """A model cut into stages and scheduled over devices; ``step`` trains it on one batch.
 
     Attributes: ``plan`` (the Plan, None when built from a split), ``program``, ``optimizer`` (built by the
-    factory from this process's parameters), ``distributed``, ``rank``, ``training``, ``last_timeline``.
+    factory from this process's parameters), ``distributed``, ``rank``, ``training``, ``last_timeline``, ``seed``
+    and ``steps_taken`` (the optimizer steps so far; with ``seed`` it keys the random streams, runtime.rng).
     """
 
     def __init__(
@@ -88,12 +89,16 @@ class CompiledPipeline:
         lookahead: int = 4,
         state_names: tuple[list[str], dict[str, str]] | None = None,
         source: nn.Module | None = None,
+        seed: int = 0,
     ) -> None:
         if program.stages != split.num_stages:
             raise ConfigError(
                 f"program {program.name!r} has {program.stages} stages but the split model has {split.num_stages}; "
                 "split the model with the plan's partition"
             )
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer (it keys every micro-batch's random stream), "
+                              f"got {seed!r}")
         if not isinstance(data_parallel, int) or data_parallel < 1:
             raise ConfigError(f"data_parallel must be a positive integer, got {data_parallel!r}")
         if optimizer is not None and (isinstance(optimizer, torch.optim.Optimizer) or not callable(optimizer)):
@@ -112,16 +117,19 @@ class CompiledPipeline:
         self.distributed = _distributed()
         self.executor: LocalExecutor | DistributedExecutor
         if self.distributed:
-            self.executor = DistributedExecutor(program, split, loss_fn, specs, data_parallel, timeout, lookahead)
+            self.executor = DistributedExecutor(program, split, loss_fn, specs, data_parallel, timeout, lookahead,
+                                                seed)
             self.rank = self.executor.rank
         else:
-            self.executor = LocalExecutor(program, split, loss_fn, specs, data_parallel)
+            self.executor = LocalExecutor(program, split, loss_fn, specs, data_parallel, seed)
             self.rank = 0
         self._state_keys, self._canonical = state_names or ([], {})
         self._source = source  # the compiled model: its class and config for a Hugging Face export
         params = [p for r in self.executor.replicas for p in r.trainable]
         self.optimizer = optimizer(params) if optimizer is not None else None
         self.last_timeline: list[TraceEvent] = []
+        self.seed = seed
+        self.steps_taken = 0  # optimizer steps so far: the step number that keys the random streams (runtime.rng)
         self.train(all(r.module.training for r in self.executor.replicas))
 
     # ---- steps ----------------------------------------------------------------------------------
@@ -131,7 +139,7 @@ class CompiledPipeline:
         batch = self._splitter.split(inputs, targets)
         for r in self.executor.replicas:
             r.zero_grad()
-        loss = self.executor.run(batch, train=True, record=record)
+        loss = self.executor.run(batch, train=True, record=record, step=self.steps_taken)
         self._after(record)
         return loss
 
@@ -142,13 +150,15 @@ class CompiledPipeline:
                               "use forward_backward() to compute gradients only")
         loss = self.forward_backward(inputs, targets, record)
         self.optimizer.step()
+        self.steps_taken += 1
         for r in self.executor.replicas:
             r.zero_grad()
         return loss
 
     def evaluate(self, inputs: Any, targets: Any) -> float:
         """Forward-only mean loss over the batch (no gradients; the current train/eval mode applies)."""
-        return self.executor.run(self._splitter.split(inputs, targets), train=False, record=False)
+        return self.executor.run(self._splitter.split(inputs, targets), train=False, record=False,
+                                 step=self.steps_taken)
 
     def predict(self, inputs: Any) -> Any:
         """Forward only over the batch's micro-batches, stage modules in eval mode (dropout off); returns the
@@ -159,7 +169,7 @@ class CompiledPipeline:
         for r in self.executor.replicas:
             r.module.train(False)
         try:
-            flat = self.executor.predict(batch)
+            flat = self.executor.predict(batch, self.steps_taken)
         finally:
             for r, mode in zip(self.executor.replicas, modes):
                 r.module.train(mode)
@@ -294,6 +304,7 @@ def compile(
     *,
     timeout: float = DEFAULT_TIMEOUT,
     trace_path: str | Path | None = None,
+    seed: int = 0,
     **schedule_options: Any,
 ) -> CompiledPipeline:
     """Capture, partition, split and schedule ``model``; returns a pipeline that trains it.
@@ -302,7 +313,8 @@ def compile(
     ``NAME[:key=value,...]`` (default bitpipe), D default 4, N default 8; ``plan``: a Plan, or a path to one
     saved by ``bitpipe-fx partition``, to reuse its partition and program (schedule, D and N then come from
     it; a different value given here is refused); ``timeout``: bound in seconds of every wait in a
-    distributed step.
+    distributed step; ``seed``: keys the random streams (dropout) of every micro-batch with the step number
+    (runtime.rng), so results do not depend on the schedule.
     """
     if isinstance(plan, (str, Path)):
         plan = Plan.load(plan)
@@ -321,7 +333,7 @@ def compile(
         plan, split = _agree_on_plan(plan, split, model, example_inputs)
     return CompiledPipeline(
         split, plan.program, loss_fn, example_inputs, optimizer=optimizer, data_parallel=data_parallel, plan=plan,
-        timeout=timeout, trace_path=trace_path, state_names=_state_names(model), source=model,
+        timeout=timeout, trace_path=trace_path, state_names=_state_names(model), source=model, seed=seed,
     )
 
 

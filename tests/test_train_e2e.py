@@ -1,6 +1,6 @@
 """End to end: `bitpipe-fx train` on 2 local processes writes its files, and --resume continues exactly.
 
-One module-scoped set of runs (each a real `bitpipe-fx train` command spawning 2 gloo processes):
+One module-scoped set of runs (each a real `bitpipe-fx train` command spawning 2 gloo processes, dropout 0.1):
 ``part`` trains 3 steps and is resumed to 6; ``whole`` trains 6 steps in one go.
 """
 
@@ -20,9 +20,9 @@ from bitpipe_fx.sim import read_chrome_trace
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
-ARGS = ["--arg", "dim=32", "--arg", "layers=2", "--arg", "heads=2", "--devices", "2", "--microbatches", "4",
-        "--batch-size", "8", "--seq-len", "16", "--lr", "1e-2", "--warmup", "0", "--eval-every", "2",
-        "--eval-batches", "2", "--save-every", "2", "--max-bytes", "400000", "--seed", "7"]
+ARGS = ["--arg", "dim=32", "--arg", "layers=2", "--arg", "heads=2", "--arg", "dropout=0.1", "--devices", "2",
+        "--microbatches", "4", "--batch-size", "8", "--seq-len", "16", "--lr", "1e-2", "--warmup", "0",
+        "--eval-every", "2", "--eval-batches", "2", "--save-every", "2", "--max-bytes", "400000", "--seed", "7"]
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
 
 
@@ -102,4 +102,13 @@ def test_example_script_in_one_process_matches_the_non_pipelined_reference(tmp_p
     reference = json.loads((tmp_path / "metrics.json").read_text())["reference"]
     assert reference["agree"] and len(reference["reference"]) == 2
     assert reference["max_rel_diff"] <= 1e-4
+    assert "losses agree" in proc.stdout
+
+
+def test_bert_with_dropout_matches_the_non_pipelined_reference_in_float64(tmp_path):
+    proc = _train(tmp_path, "--model", "bert", "--dtype", "float64", "--steps", "3", "--compare-steps", "3",
+                  "--schedule", "bitpipe")
+    reference = json.loads((tmp_path / "metrics.json").read_text())["reference"]
+    assert reference["agree"] and len(reference["reference"]) == 3
+    assert reference["max_rel_diff"] <= 1e-12, reference
     assert "losses agree" in proc.stdout

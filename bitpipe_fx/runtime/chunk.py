@@ -19,7 +19,7 @@ from torch import nn
 
 from bitpipe_fx.errors import PipelineRuntimeError
 from bitpipe_fx.passes.stages import SplitModel, StageSpec
-from bitpipe_fx.runtime import splitbw
+from bitpipe_fx.runtime import rng, splitbw
 from bitpipe_fx.schedules.ir import Placement
 
 
@@ -34,6 +34,7 @@ class StageReplica:
         self.stage = stage
         self.module = module
         self.params: dict[str, nn.Parameter] = dict(module.named_parameters())
+        self.device = rng.device_of(module)
         self.trainable = [p for p in self.params.values() if p.requires_grad]
         self.flat_grads: list[torch.Tensor] = []
         self._views: list[tuple[nn.Parameter, torch.Tensor]] = []
@@ -67,6 +68,7 @@ class _Saved:
     root_index: list[int]  # index among the floating outputs of each root (gradient to use)
     out_grads: list[torch.Tensor] | None = None  # kept between I and W
     deferred: splitbw.DeferredWeights | None = None  # what W needs after I
+    rng_state: torch.Tensor | None = None  # generator state the forward started from (for a recomputation)
 
 
 class Chunk:
@@ -111,6 +113,11 @@ class Chunk:
                 result = tuple(t.detach() for t in out)
         self.saved[m] = _Saved([t for t in leaves if is_floating(t)], roots, index)
         return result
+
+    def started_from(self, m: int, state: torch.Tensor) -> None:
+        """Keep the generator state micro-batch m's forward started from, with what its backward needs."""
+        if m in self.saved:
+            self.saved[m].rng_state = state
 
     def outputs(self, model_inputs: Sequence[torch.Tensor], received: Sequence[torch.Tensor]) -> tuple:
         """The stage's flat outputs without loss or autograd (the last stage's are the model's: predict)."""

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from bitpipe_fx.errors import ConfigError, PipelineRuntimeError
 from bitpipe_fx.passes.stages import SplitModel
+from bitpipe_fx.runtime import rng
 from bitpipe_fx.runtime.batch import MicroBatch
 from bitpipe_fx.runtime.chunk import StageReplica, build_device
 from bitpipe_fx.runtime.gradsync import GradSync
@@ -71,8 +72,9 @@ class DistributedExecutor:
         data_parallel: int,
         timeout: float,
         lookahead: int = 4,
+        seed: int = 0,
     ) -> None:
-        self.program, self.dp, self.timeout = program, data_parallel, timeout
+        self.program, self.dp, self.timeout, self.seed = program, data_parallel, timeout, seed
         self.rank, self.world = check_world(program.devices, data_parallel)
         self.device, self.dp_index = self.rank % program.devices, self.rank // program.devices
         broadcast_stages(split)
@@ -101,13 +103,18 @@ class DistributedExecutor:
     def replicas(self) -> list[StageReplica]:
         return list(self.local_replicas.values())
 
-    def run(self, batch: list[MicroBatch], train: bool, record: bool) -> float:
-        """One step over this rank's ``batch``; returns the mean loss over every micro-batch of every rank."""
+    def _keys(self, step: int) -> rng.StepKeys:
+        """This pipeline's micro-batch m is global micro-batch dp_index * N + m."""
+        return rng.StepKeys(self.seed, step, self.dp_index * self.program.microbatches, self.tensor_device)
+
+    def run(self, batch: list[MicroBatch], train: bool, record: bool, step: int) -> float:
+        """One step (number ``step``, 0-based: it keys the random streams) over this rank's ``batch``; returns
+        the mean loss over every micro-batch of every rank."""
         if record:
             self._wait(dist.barrier(async_op=True), "the barrier that starts a recorded step")
         recorder = Recorder(self.rank, record)
         interp, p2p = self._interp[train], self._p2p[train]
-        interp.begin(batch, 1.0 / (len(batch) * self.dp), train, recorder)
+        interp.begin(batch, 1.0 / (len(batch) * self.dp), train, recorder, self._keys(step))
         p2p.begin(recorder)
         self.gradsync.recorder = recorder
         while not interp.done:
@@ -123,11 +130,11 @@ class DistributedExecutor:
             self.last_events = merge(ev or [] for ev in gathered)
         return float(loss)
 
-    def predict(self, batch: list[MicroBatch]) -> dict[int, tuple[torch.Tensor, ...]]:
+    def predict(self, batch: list[MicroBatch], step: int) -> dict[int, tuple[torch.Tensor, ...]]:
         """Forward-only pass over this pipeline's ``batch``; every micro-batch's flat outputs, on every rank of
         the pipeline (the last stage's ranks share theirs)."""
         recorder = Recorder(self.rank, False)
-        self._predict.start(batch, recorder)
+        self._predict.start(batch, recorder, self._keys(step))
         self._p2p[False].begin(recorder)
         while not self._predict.done:
             self._predict.run_next()

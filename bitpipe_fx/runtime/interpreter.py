@@ -1,7 +1,8 @@
 """The one interpreter of a device's action list, shared by the local and the distributed executor.
 
 Cross-device values go through a ``Transport`` and only where ``schedules.comm`` derives a message; values
-whose producer and consumer chunk sit on the same device (V turns) are handed over directly.
+whose producer and consumer chunk sit on the same device (V turns) are handed over directly. Every forward
+runs under the randomness rule (runtime.rng): its activation bundle ends with the generator state it left.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Protocol
 import torch
 
 from bitpipe_fx.errors import PipelineRuntimeError
+from bitpipe_fx.runtime import rng
 from bitpipe_fx.runtime.batch import MicroBatch
 from bitpipe_fx.runtime.chunk import Chunk, StageReplica
 from bitpipe_fx.runtime.timeline import Recorder
@@ -55,9 +57,11 @@ class DeviceInterpreter:
             self._chunks_per_replica[id(c.replica)] = self._chunks_per_replica.get(id(c.replica), 0) + 1
         self.pos = 0
 
-    def begin(self, batch: list[MicroBatch], scale: float, train: bool, recorder: Recorder) -> None:
-        """Reset for a step over ``batch``; the last stage's loss is multiplied by ``scale``."""
-        self.batch, self.scale, self.train, self.recorder = batch, scale, train, recorder
+    def begin(self, batch: list[MicroBatch], scale: float, train: bool, recorder: Recorder,
+              keys: rng.StepKeys) -> None:
+        """Reset for a step over ``batch``; the last stage's loss is multiplied by ``scale``; ``keys``: where each
+        micro-batch's random stream starts."""
+        self.batch, self.scale, self.train, self.recorder, self.keys = batch, scale, train, recorder, keys
         self.pos = 0
         self.handoff: dict[Message, list[torch.Tensor]] = {}
         self.losses: list[torch.Tensor] = []
@@ -94,7 +98,7 @@ class DeviceInterpreter:
             raise PipelineRuntimeError(f"device {self.device} runs {a} but does not hold chunk {a.chunk}")
         received = self._receive(a)
         start = time.perf_counter()
-        produced = self._compute(chunk, a, received)
+        produced = self._forward(chunk, a, received) if a.kind == "F" else self._compute(chunk, a, received)
         self.recorder.action(a, start, time.perf_counter())
         if produced is not None:
             self._produce(a, produced)
@@ -111,6 +115,18 @@ class DeviceInterpreter:
                 "chunk's consumer before its producer on the same device"
             )
         return self.handoff.pop(value)
+
+    def _forward(self, chunk: Chunk, a: Action, received: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
+        """F under the randomness rule: stage 0 starts from the micro-batch's key state, later stages from the
+        state that came with the activation; the state left is sent on after the outputs."""
+        if chunk.stage == 0:
+            acts, state = received or [], self.keys.state(a.microbatch)
+        else:
+            *acts, state = received or []
+        with rng.stream(state, chunk.replica.device) as stream:
+            out = self._compute(chunk, a, acts)
+        chunk.started_from(a.microbatch, state)
+        return None if out is None else [*out, stream.after]
 
     def _compute(self, chunk: Chunk, a: Action, received: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
         if a.kind == "F":

@@ -15,6 +15,7 @@ import torch
 
 from bitpipe_fx.errors import ConfigError, PipelineRuntimeError
 from bitpipe_fx.passes.stages import SplitModel
+from bitpipe_fx.runtime import rng
 from bitpipe_fx.runtime.batch import MicroBatch
 from bitpipe_fx.runtime.chunk import StageReplica, build_device
 from bitpipe_fx.runtime.interpreter import DeviceInterpreter, forward_only
@@ -57,6 +58,7 @@ class LocalExecutor:
         loss_fn: Callable[[Any, Any], torch.Tensor],
         specs: BoundarySpecs,
         data_parallel: int = 1,
+        seed: int = 0,
     ) -> None:
         if data_parallel != 1:
             raise ConfigError(
@@ -64,7 +66,7 @@ class LocalExecutor:
                 f"torch.distributed with world size devices x data_parallel = {program.devices * data_parallel} "
                 "(torchrun, or bitpipe_fx.runtime.launch); the local executor runs data_parallel=1 only"
             )
-        self.program, self.split = program, split
+        self.program, self.split, self.seed = program, split, seed
         self.mailbox = Mailbox(specs)
         self.device_replicas: list[dict[int, StageReplica]] = []
         self._train: list[DeviceInterpreter] = []
@@ -84,14 +86,15 @@ class LocalExecutor:
         """Every replica this process holds (all devices)."""
         return [r for reps in self.device_replicas for r in reps.values()]
 
-    def run(self, batch: list[MicroBatch], train: bool, record: bool) -> float:
-        """One step over ``batch``; returns the mean loss. With ``train`` the summed gradients are left."""
+    def run(self, batch: list[MicroBatch], train: bool, record: bool, step: int) -> float:
+        """One step (number ``step``, 0-based: it keys the random streams) over ``batch``; returns the mean loss.
+        With ``train`` the summed gradients are left."""
         interps = self._train if train else self._eval
         t0 = time.perf_counter()
         recorders = [Recorder(d, record, t0) for d in range(self.program.devices)]
         scale = 1.0 / len(batch)
         for it, rec in zip(interps, recorders):
-            it.begin(batch, scale, train, rec)
+            it.begin(batch, scale, train, rec, self._keys(step))
         self._drive(interps)
         if train:
             start = time.perf_counter()
@@ -102,10 +105,14 @@ class LocalExecutor:
         self.last_events = merge(rec.events for rec in recorders)
         return sum(it.loss_sum() for it in interps)
 
-    def predict(self, batch: list[MicroBatch]) -> dict[int, tuple[torch.Tensor, ...]]:
+    def _keys(self, step: int) -> rng.StepKeys:
+        device = next((r.device for r in self.replicas), rng.CPU)
+        return rng.StepKeys(self.seed, step, 0, device)
+
+    def predict(self, batch: list[MicroBatch], step: int) -> dict[int, tuple[torch.Tensor, ...]]:
         """Forward-only pass over ``batch``; the last stage's flat outputs by micro-batch."""
         for d, it in enumerate(self._predict):
-            it.start(batch, Recorder(d, False))
+            it.start(batch, Recorder(d, False), self._keys(step))
         self._drive(self._predict)
         return {m: out for it in self._predict for m, out in it.outputs.items()}
 
