@@ -15,7 +15,7 @@ from torch import nn
 from bitpipe_fx.errors import ConfigError
 from bitpipe_fx.passes.export_capture import from_export
 from bitpipe_fx.passes.fx_capture import from_symbolic_trace
-from bitpipe_fx.passes.graph_form import TRAINING_FLAG, Captured, compute_nodes, tied_names
+from bitpipe_fx.passes.graph_form import TRAINING_FLAG, Captured, buffers_kept, compute_nodes, tied_names
 from bitpipe_fx.passes.trace_errors import trace_error
 
 __all__ = ["TRAINING_FLAG", "Captured", "capture", "compute_nodes", "normalize_inputs", "tied_names"]
@@ -55,11 +55,13 @@ def capture(
         errors: list[tuple[str, BaseException]] = []
         if not leaf_modules:
             try:
-                return from_export(model, args, kwargs, was_training)
+                with buffers_kept(model):
+                    return from_export(model, args, kwargs, was_training)
             except Exception as exc:
                 errors.append(("torch.export.export(strict=False)", exc))
         try:
-            return from_symbolic_trace(model, args, kwargs, was_training, leaf_modules)
+            with buffers_kept(model):
+                return from_symbolic_trace(model, args, kwargs, was_training, leaf_modules)
         except Exception as exc:
             errors.append(("torch.fx.symbolic_trace", exc))
         raise trace_error(model, errors) from errors[-1][1]

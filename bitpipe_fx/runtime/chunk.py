@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from bitpipe_fx.errors import PipelineRuntimeError
-from bitpipe_fx.passes.stages import SplitModel, StageSpec
+from bitpipe_fx.passes.stages import RunningStat, SplitModel, StageSpec
 from bitpipe_fx.runtime import rng, splitbw
+from bitpipe_fx.runtime.buffers import RunningStats
 from bitpipe_fx.schedules.ir import Placement
 
 
@@ -30,12 +31,15 @@ def is_floating(t: torch.Tensor) -> bool:
 class StageReplica:
     """A private module copy of one stage on one device, with flat gradient buffers."""
 
-    def __init__(self, stage: int, module: nn.Module) -> None:
+    def __init__(self, stage: int, module: nn.Module, running: Sequence[RunningStat] = (),
+                 unused: Sequence[str] = ()) -> None:
         self.stage = stage
         self.module = module
+        self.stats = RunningStats(module, running)
         self.params: dict[str, nn.Parameter] = dict(module.named_parameters())
         self.device = rng.device_of(module)
-        self.trainable = [p for p in self.params.values() if p.requires_grad]
+        # frozen parameters, and those no stage reads (no gradient, as in the model), are not trained
+        self.trainable = [p for n, p in self.params.items() if p.requires_grad and n not in unused]
         self.flat_grads: list[torch.Tensor] = []
         self._views: list[tuple[nn.Parameter, torch.Tensor]] = []
         groups: dict[tuple[torch.dtype, torch.device], list[nn.Parameter]] = {}
@@ -189,7 +193,8 @@ def build_device(
     last = split.num_stages - 1
     for pipe, stage in placement.chunks(device):
         if stage not in replicas:
-            replicas[stage] = StageReplica(stage, copy.deepcopy(split.stages[stage]))
+            replicas[stage] = StageReplica(stage, copy.deepcopy(split.stages[stage]), split.specs[stage].running_stats,
+                                           split.unused)
         chunks[(pipe, stage)] = Chunk(
             pipe, stage, replicas[stage], split.specs[stage], stage == last, loss_fn, split.unflatten_output
         )

@@ -20,6 +20,7 @@ from bitpipe_fx.errors import ConfigError, PipelineRuntimeError
 from bitpipe_fx.passes.stages import SplitModel
 from bitpipe_fx.runtime import rng
 from bitpipe_fx.runtime.batch import MicroBatch
+from bitpipe_fx.runtime.buffers import replay_over
 from bitpipe_fx.runtime.chunk import StageReplica, build_device
 from bitpipe_fx.runtime.gradsync import GradSync
 from bitpipe_fx.runtime.interpreter import DeviceInterpreter, forward_only
@@ -114,12 +115,17 @@ class DistributedExecutor:
             self._wait(dist.barrier(async_op=True), "the barrier that starts a recorded step")
         recorder = Recorder(self.rank, record)
         interp, p2p = self._interp[train], self._p2p[train]
+        for r in self.replicas:
+            r.stats.begin()
         interp.begin(batch, 1.0 / (len(batch) * self.dp), train, recorder, self._keys(step))
         p2p.begin(recorder)
         self.gradsync.recorder = recorder
         while not interp.done:
             interp.run_next()
         p2p.finish()
+        for stage, r in sorted(self.local_replicas.items()):
+            if r.stats:
+                replay_over(r.stats, len(batch) * self.dp, self.gradsync.groups.get(stage), self._wait)
         if train:
             self.gradsync.finish()
         loss = torch.tensor(interp.loss_sum(), dtype=torch.float64, device=self.tensor_device)

@@ -118,13 +118,19 @@ class DeviceInterpreter:
 
     def _forward(self, chunk: Chunk, a: Action, received: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
         """F under the randomness rule: stage 0 starts from the micro-batch's key state, later stages from the
-        state that came with the activation; the state left is sent on after the outputs."""
+        state that came with the activation; the state left is sent on after the outputs. Batch-norm running
+        statistics are recorded per global micro-batch (runtime.buffers)."""
         if chunk.stage == 0:
             acts, state = received or [], self.keys.state(a.microbatch)
         else:
             *acts, state = received or []
+        stats = chunk.replica.stats if chunk.replica.module.training else None
+        if stats:
+            stats.before_forward()
         with rng.stream(state, chunk.replica.device) as stream:
             out = self._compute(chunk, a, acts)
+        if stats:
+            stats.after_forward(self.keys.first + a.microbatch)
         chunk.started_from(a.microbatch, state)
         return None if out is None else [*out, stream.after]
 

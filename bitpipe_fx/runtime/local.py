@@ -17,6 +17,7 @@ from bitpipe_fx.errors import ConfigError, PipelineRuntimeError
 from bitpipe_fx.passes.stages import SplitModel
 from bitpipe_fx.runtime import rng
 from bitpipe_fx.runtime.batch import MicroBatch
+from bitpipe_fx.runtime.buffers import replay_in_process
 from bitpipe_fx.runtime.chunk import StageReplica, build_device
 from bitpipe_fx.runtime.interpreter import DeviceInterpreter, forward_only
 from bitpipe_fx.runtime.predict import PredictInterpreter
@@ -93,9 +94,14 @@ class LocalExecutor:
         t0 = time.perf_counter()
         recorders = [Recorder(d, record, t0) for d in range(self.program.devices)]
         scale = 1.0 / len(batch)
+        for r in self.replicas:
+            r.stats.begin()
         for it, rec in zip(interps, recorders):
             it.begin(batch, scale, train, rec, self._keys(step))
         self._drive(interps)
+        for stage in range(self.program.stages):
+            devices = self.program.placement.replica_devices(stage)
+            replay_in_process([self.device_replicas[d][stage].stats for d in devices], len(batch))
         if train:
             start = time.perf_counter()
             self._sum_replicas()

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from bitpipe_fx.errors import ConfigError, PipelineRuntimeError
+from bitpipe_fx.passes.graph_form import buffers_kept
 from bitpipe_fx.passes.stages import SplitModel
 from bitpipe_fx.runtime import rng
 
@@ -73,7 +74,7 @@ def trace_boundaries(split: SplitModel, flat_inputs: Sequence[torch.Tensor]) -> 
     received: tuple[torch.Tensor, ...] = ()
     outputs = []
     device = rng.device_of(split.stages[0])
-    with torch.no_grad(), rng.preserved(device):
+    with torch.no_grad(), rng.preserved(device), buffers_kept(*split.stages):  # shared with the caller's model
         for stage, spec in zip(split.stages, split.specs):
             out = stage(*(by_name[n] for n in spec.model_inputs), *received)
             out = tuple(out) if isinstance(out, (tuple, list)) else (out,)
