@@ -30,6 +30,7 @@ from bitpipe_fx.matching import compile_settings
 from bitpipe_fx.passes.stages import SplitModel
 from bitpipe_fx.plan import Plan
 from bitpipe_fx.runtime import dcp as checkpoint_dcp
+from bitpipe_fx.runtime import nonfinite
 from bitpipe_fx.runtime.batch import BatchSplitter, as_call
 from bitpipe_fx.runtime.distributed import DistributedExecutor
 from bitpipe_fx.runtime.local import LocalExecutor
@@ -71,7 +72,8 @@ class CompiledPipeline:
 
     Attributes: ``plan`` (the Plan, None when built from a split), ``program``, ``optimizer`` (built by the
     factory from this process's parameters), ``distributed``, ``rank``, ``training``, ``last_timeline``, ``seed``
-    and ``steps_taken`` (the optimizer steps so far; with ``seed`` it keys the random streams, runtime.rng).
+    ``steps_taken`` (steps so far, skipped ones too; with ``seed`` it keys the random streams, runtime.rng),
+    ``on_nonfinite`` and ``skipped_steps`` (steps whose update a non-finite value dropped).
     """
 
     def __init__(
@@ -90,6 +92,7 @@ class CompiledPipeline:
         state_names: tuple[list[str], dict[str, str]] | None = None,
         source: nn.Module | None = None,
         seed: int = 0,
+        on_nonfinite: str = "raise",
     ) -> None:
         if program.stages != split.num_stages:
             raise ConfigError(
@@ -99,6 +102,8 @@ class CompiledPipeline:
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise ConfigError(f"seed must be a non-negative integer (it keys every micro-batch's random stream), "
                               f"got {seed!r}")
+        if on_nonfinite not in nonfinite.POLICIES:
+            raise ConfigError(f"on_nonfinite must be one of {list(nonfinite.POLICIES)}, got {on_nonfinite!r}")
         if not isinstance(data_parallel, int) or data_parallel < 1:
             raise ConfigError(f"data_parallel must be a positive integer, got {data_parallel!r}")
         if optimizer is not None and (isinstance(optimizer, torch.optim.Optimizer) or not callable(optimizer)):
@@ -129,7 +134,8 @@ class CompiledPipeline:
         self.optimizer = optimizer(params) if optimizer is not None else None
         self.last_timeline: list[TraceEvent] = []
         self.seed = seed
-        self.steps_taken = 0  # optimizer steps so far: the step number that keys the random streams (runtime.rng)
+        self.steps_taken = 0  # steps so far (skipped ones too): the step number that keys the random streams
+        self.on_nonfinite, self.skipped_steps = on_nonfinite, 0
         self.train(all(r.module.training for r in self.executor.replicas))
 
     # ---- steps ----------------------------------------------------------------------------------
@@ -144,12 +150,23 @@ class CompiledPipeline:
         return loss
 
     def step(self, inputs: Any, targets: Any, record: bool = False) -> float:
-        """One synchronous training step: forward_backward, optimizer step, zero grads; returns the mean loss."""
+        """One synchronous training step: forward_backward, optimizer step, zero grads; returns the mean loss.
+        A non-finite loss or gradient raises NonFiniteError (``on_nonfinite="raise"``) or drops the update and
+        counts it in ``skipped_steps`` (``"skip"``); either way nothing (parameters, buffers) changes."""
         if self.optimizer is None:
             raise ConfigError("step() needs an optimizer: compile(..., optimizer=lambda params: ...); "
                               "use forward_backward() to compute gradients only")
         loss = self.forward_backward(inputs, targets, record)
-        self.optimizer.step()
+        finding = self.executor.last_nonfinite
+        if finding is not None:  # decided alike on every rank (runtime.nonfinite): no update anywhere
+            for r in self.executor.replicas:
+                r.zero_grad()
+                r.stats.undo()
+            if self.on_nonfinite == "raise":
+                raise finding.error(self.steps_taken + 1)
+            self.skipped_steps += 1
+        else:
+            self.optimizer.step()
         self.steps_taken += 1
         for r in self.executor.replicas:
             r.zero_grad()
@@ -305,6 +322,7 @@ def compile(
     timeout: float = DEFAULT_TIMEOUT,
     trace_path: str | Path | None = None,
     seed: int = 0,
+    on_nonfinite: str = "raise",
     **schedule_options: Any,
 ) -> CompiledPipeline:
     """Capture, partition, split and schedule ``model``; returns a pipeline that trains it.
@@ -314,7 +332,8 @@ def compile(
     saved by ``bitpipe-fx partition``, to reuse its partition and program (schedule, D and N then come from
     it; a different value given here is refused); ``timeout``: bound in seconds of every wait in a
     distributed step; ``seed``: keys the random streams (dropout) of every micro-batch with the step number
-    (runtime.rng), so results do not depend on the schedule.
+    (runtime.rng), so results do not depend on the schedule; ``on_nonfinite``: "raise" (NonFiniteError) or
+    "skip" (drop that step's update on every rank and count it in ``skipped_steps``).
     """
     if isinstance(plan, (str, Path)):
         plan = Plan.load(plan)
@@ -334,6 +353,7 @@ def compile(
     return CompiledPipeline(
         split, plan.program, loss_fn, example_inputs, optimizer=optimizer, data_parallel=data_parallel, plan=plan,
         timeout=timeout, trace_path=trace_path, state_names=_state_names(model), source=model, seed=seed,
+        on_nonfinite=on_nonfinite,
     )
 
 

@@ -112,3 +112,18 @@ def test_bert_with_dropout_matches_the_non_pipelined_reference_in_float64(tmp_pa
     assert reference["agree"] and len(reference["reference"]) == 3
     assert reference["max_rel_diff"] <= 1e-12, reference
     assert "losses agree" in proc.stdout
+
+
+def test_a_non_finite_step_stops_the_run_in_one_line_and_keeps_the_last_good_checkpoint(tmp_path):
+    args = [*_cli(), "train", *ARGS, "--steps", "4", "--save-every", "1", "--lr", "1e30"]
+    proc = subprocess.run([*args, "--out", str(tmp_path / "raise")], capture_output=True, text=True, timeout=240,
+                          env=ENV)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "NonFiniteError" in lines[0] and "step 2: non-finite loss in micro-batch" in lines[0]
+    latest = json.loads((tmp_path / "raise" / "checkpoint" / "latest.json").read_text())
+    assert latest["step"] == 1 and not (tmp_path / "raise" / "checkpoint" / "step-000002").exists()
+    proc = subprocess.run([*args, "--local", "--on-nonfinite", "skip", "--out", str(tmp_path / "skip")],
+                          capture_output=True, text=True, timeout=240, env=ENV)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads((tmp_path / "skip" / "metrics.json").read_text())["skipped_steps"] == [2, 3, 4]

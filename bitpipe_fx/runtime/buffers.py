@@ -41,6 +41,15 @@ class RunningStats:
         self.start_counts = [c.clone() for c in self.counters]
         self.records = {}
 
+    def undo(self) -> None:
+        """Back to the step's starting values (a step whose update is dropped)."""
+        with torch.no_grad():
+            for (m, v, _), (m0, v0) in zip(self.pairs, self.start):
+                m.copy_(m0)
+                v.copy_(v0)
+            for c, c0 in zip(self.counters, self.start_counts):
+                c.copy_(c0)
+
     def before_forward(self) -> None:
         """Zero the running buffers through ``.data``: earlier forwards' autograd graphs saved them (unused
         in train mode), and a version bump would refuse those backwards."""

@@ -24,6 +24,7 @@ from bitpipe_fx.runtime.buffers import replay_over
 from bitpipe_fx.runtime.chunk import StageReplica, build_device
 from bitpipe_fx.runtime.gradsync import GradSync
 from bitpipe_fx.runtime.interpreter import DeviceInterpreter, forward_only
+from bitpipe_fx.runtime.nonfinite import Finding, earliest
 from bitpipe_fx.runtime.p2p import P2P
 from bitpipe_fx.runtime.predict import PredictInterpreter, share
 from bitpipe_fx.runtime.specs import BoundarySpecs, TensorSpec
@@ -99,6 +100,7 @@ class DistributedExecutor:
         }
         self._predict = PredictInterpreter(self.device, fwd, chunks, self._p2p[False], self.gradsync.start)
         self.last_events: list[TraceEvent] = []
+        self.last_nonfinite: Finding | None = None  # where the last training run first went non-finite
 
     @property
     def replicas(self) -> list[StageReplica]:
@@ -128,8 +130,11 @@ class DistributedExecutor:
                 replay_over(r.stats, len(batch) * self.dp, self.gradsync.groups.get(stage), self._wait)
         if train:
             self.gradsync.finish()
-        loss = torch.tensor(interp.loss_sum(), dtype=torch.float64, device=self.tensor_device)
-        self._wait(dist.all_reduce(loss, async_op=True), "the loss all-reduce")
+        found = interp.watch.findings(interp.losses, self.program.stages - 1, self._keys(step).first) if train else []
+        totals = torch.tensor([interp.loss_sum(), len(found)], dtype=torch.float64, device=self.tensor_device)
+        self._wait(dist.all_reduce(totals, async_op=True), "the loss all-reduce")
+        loss = totals[0]
+        self.last_nonfinite = self._agree(found) if totals[1] > 0 else None
         if record:
             gathered: list[list[TraceEvent] | None] = [None] * self.world
             dist.all_gather_object(gathered, recorder.events)
@@ -146,6 +151,12 @@ class DistributedExecutor:
             self._predict.run_next()
         self._p2p[False].finish()
         return share(self._predict.outputs, self.dp_index, self.world)
+
+    def _agree(self, found: list[Finding]) -> Finding | None:
+        """Every rank's findings, so that all pick the same earliest one (only when some rank found one)."""
+        everyone: list[list[Finding] | None] = [None] * self.world
+        dist.all_gather_object(everyone, found)
+        return earliest(f for part in everyone for f in part or [])
 
     def _wait(self, work: Any, what: str) -> None:
         start = time.perf_counter()

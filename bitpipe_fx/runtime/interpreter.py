@@ -17,6 +17,7 @@ from bitpipe_fx.errors import PipelineRuntimeError
 from bitpipe_fx.runtime import rng
 from bitpipe_fx.runtime.batch import MicroBatch
 from bitpipe_fx.runtime.chunk import Chunk, StageReplica
+from bitpipe_fx.runtime.nonfinite import Watch
 from bitpipe_fx.runtime.timeline import Recorder
 from bitpipe_fx.schedules.comm import Message, consumed_value, produced_value
 from bitpipe_fx.schedules.ir import Action, Program
@@ -56,6 +57,7 @@ class DeviceInterpreter:
         for c in chunks.values():
             self._chunks_per_replica[id(c.replica)] = self._chunks_per_replica.get(id(c.replica), 0) + 1
         self.pos = 0
+        self.watch = Watch()
 
     def begin(self, batch: list[MicroBatch], scale: float, train: bool, recorder: Recorder,
               keys: rng.StepKeys) -> None:
@@ -64,12 +66,13 @@ class DeviceInterpreter:
         self.batch, self.scale, self.train, self.recorder, self.keys = batch, scale, train, recorder, keys
         self.pos = 0
         self.handoff: dict[Message, list[torch.Tensor]] = {}
-        self.losses: list[torch.Tensor] = []
+        self.losses: dict[int, torch.Tensor] = {}  # scaled loss by micro-batch (last stage)
+        self.watch.begin()
         self._synced: dict[int, int] = {}
 
     def loss_sum(self) -> float:
         """Sum of this device's scaled micro-batch losses (summed in float64)."""
-        return float(sum(loss.to(torch.float64) for loss in self.losses)) if self.losses else 0.0
+        return float(sum(loss.to(torch.float64) for loss in self.losses.values())) if self.losses else 0.0
 
     @property
     def done(self) -> bool:
@@ -100,6 +103,8 @@ class DeviceInterpreter:
         start = time.perf_counter()
         produced = self._forward(chunk, a, received) if a.kind == "F" else self._compute(chunk, a, received)
         self.recorder.action(a, start, time.perf_counter())
+        if a.kind in ("B", "W") and self.train:
+            self.watch.after_backward(chunk.replica, self.keys.first + a.microbatch)
         if produced is not None:
             self._produce(a, produced)
 
@@ -140,7 +145,7 @@ class DeviceInterpreter:
             model_inputs = [mb.inputs[n] for n in chunk.spec.model_inputs]
             out = chunk.forward(a.microbatch, model_inputs, received or [], mb.target, self.scale, self.train)
             if chunk.last:
-                self.losses.append(out.detach())
+                self.losses[a.microbatch] = out.detach()
                 return None
             return list(out)
         if a.kind == "B":

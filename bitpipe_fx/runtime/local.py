@@ -20,6 +20,7 @@ from bitpipe_fx.runtime.batch import MicroBatch
 from bitpipe_fx.runtime.buffers import replay_in_process
 from bitpipe_fx.runtime.chunk import StageReplica, build_device
 from bitpipe_fx.runtime.interpreter import DeviceInterpreter, forward_only
+from bitpipe_fx.runtime.nonfinite import Finding, earliest
 from bitpipe_fx.runtime.predict import PredictInterpreter
 from bitpipe_fx.runtime.specs import BoundarySpecs, check_message
 from bitpipe_fx.runtime.timeline import Recorder, merge
@@ -81,6 +82,7 @@ class LocalExecutor:
             self._eval.append(DeviceInterpreter(d, fwd, chunks, self.mailbox, lambda r: None))
             self._predict.append(PredictInterpreter(d, fwd, chunks, self.mailbox, lambda r: None))
         self.last_events: list[TraceEvent] = []
+        self.last_nonfinite: Finding | None = None  # where the last training run first went non-finite
 
     @property
     def replicas(self) -> list[StageReplica]:
@@ -109,6 +111,9 @@ class LocalExecutor:
             for rec in recorders:
                 rec.event("grad sum", "SYNC", -1, -1, -1, start, time.perf_counter())
         self.last_events = merge(rec.events for rec in recorders)
+        last = self.program.stages - 1
+        found = [f for it in interps for f in it.watch.findings(it.losses, last, 0)] if train else []
+        self.last_nonfinite = earliest(found)
         return sum(it.loss_sum() for it in interps)
 
     def _keys(self, step: int) -> rng.StepKeys:
