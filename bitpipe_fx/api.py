@@ -71,7 +71,7 @@ class CompiledPipeline:
     """A model cut into stages and scheduled over devices; ``step`` trains it on one batch.
 
     Attributes: ``plan`` (the Plan, None when built from a split), ``program``, ``optimizer`` (built by the
-    factory from this process's parameters), ``distributed``, ``rank``, ``training``, ``last_timeline``, ``seed``
+    factory from this process's parameters), ``distributed``, ``rank``, ``training``, ``last_timeline``, ``seed``,
     ``steps_taken`` (steps so far, skipped ones too; with ``seed`` it keys the random streams, runtime.rng),
     ``on_nonfinite`` and ``skipped_steps`` (steps whose update a non-finite value dropped).
     """
