@@ -10,6 +10,7 @@ import importlib
 from bitpipe_fx.errors import (
     BitPipeError,
     ConfigError,
+    NonFiniteError,
     PartitionError,
     PipelineRuntimeError,
     ScheduleError,
@@ -40,6 +41,7 @@ __all__ = [
     "BitPipeError",
     "CompiledPipeline",
     "ConfigError",
+    "NonFiniteError",
     "PartitionError",
     "PipelineRuntimeError",
     "Plan",

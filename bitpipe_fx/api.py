@@ -28,6 +28,7 @@ from bitpipe_fx.passes.capture import tied_names
 from bitpipe_fx.passes.stages import Inputs, LossFn, SplitModel, Targets
 from bitpipe_fx.plan import Plan
 from bitpipe_fx.runtime import dcp as checkpoint_dcp
+from bitpipe_fx.runtime import nonfinite
 from bitpipe_fx.runtime.batch import BatchSplitter, as_call
 from bitpipe_fx.runtime.distributed import DistributedExecutor
 from bitpipe_fx.runtime.group import check_world, join_from_env
@@ -61,7 +62,9 @@ class CompiledPipeline:
     """A model cut into stages and scheduled over devices; ``step`` trains it on one batch.
 
     Attributes: ``plan`` (the Plan, None when built from a split), ``program``, ``optimizer`` (built by the
-    factory from this process's parameters), ``distributed``, ``rank``, ``training``, ``last_timeline``.
+    factory from this process's parameters), ``distributed``, ``rank``, ``training``, ``last_timeline``, ``seed``,
+    ``steps_taken`` (steps so far, skipped ones too; with ``seed`` it keys the random streams, runtime.rng),
+    ``on_nonfinite`` and ``skipped_steps`` (steps whose update a non-finite value dropped).
     """
 
     def __init__(
@@ -79,12 +82,19 @@ class CompiledPipeline:
         lookahead: int = 4,
         state_names: tuple[list[str], dict[str, str]] | None = None,
         source: nn.Module | None = None,
+        seed: int = 0,
+        on_nonfinite: str = "raise",
     ) -> None:
         if program.stages != split.num_stages:
             raise ConfigError(
                 f"program {program.name!r} has {program.stages} stages but the split model has {split.num_stages}; "
                 "split the model with the plan's partition"
             )
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer (it keys every micro-batch's random stream), "
+                              f"got {seed!r}")
+        if on_nonfinite not in nonfinite.POLICIES:
+            raise ConfigError(f"on_nonfinite must be one of {list(nonfinite.POLICIES)}, got {on_nonfinite!r}")
         if not isinstance(data_parallel, int) or data_parallel < 1:
             raise ConfigError(f"data_parallel must be a positive integer, got {data_parallel!r}")
         if optimizer is not None and (isinstance(optimizer, torch.optim.Optimizer) or not callable(optimizer)):
@@ -103,16 +113,20 @@ class CompiledPipeline:
         self.distributed = join_from_env(DEFAULT_TIMEOUT * 2)
         self.executor: LocalExecutor | DistributedExecutor
         if self.distributed:
-            self.executor = DistributedExecutor(program, split, loss_fn, specs, data_parallel, timeout, lookahead)
+            self.executor = DistributedExecutor(program, split, loss_fn, specs, data_parallel, timeout, lookahead,
+                                                seed)
             self.rank = self.executor.rank
         else:
-            self.executor = LocalExecutor(program, split, loss_fn, specs, data_parallel)
+            self.executor = LocalExecutor(program, split, loss_fn, specs, data_parallel, seed)
             self.rank = 0
         self._state_keys, self._canonical = state_names or ([], {})
         self._source = source  # the compiled model: its class and config for a Hugging Face export
         params = [p for r in self.executor.replicas for p in r.trainable]
         self.optimizer = optimizer(params) if optimizer is not None else None
         self.last_timeline: list[TraceEvent] = []
+        self.seed = seed
+        self.steps_taken = 0  # steps so far (skipped ones too): the step number that keys the random streams
+        self.on_nonfinite, self.skipped_steps = on_nonfinite, 0
         self.train(all(r.module.training for r in self.executor.replicas))
 
     # ---- steps ----------------------------------------------------------------------------------
@@ -122,24 +136,37 @@ class CompiledPipeline:
         batch = self._splitter.split(inputs, targets)
         for r in self.executor.replicas:
             r.zero_grad()
-        loss = self.executor.run(batch, train=True, record=record)
+        loss = self.executor.run(batch, train=True, record=record, step=self.steps_taken)
         self._after(record)
         return loss
 
     def step(self, inputs: Inputs, targets: Targets, record: bool = False) -> float:
-        """One synchronous training step: forward_backward, optimizer step, zero grads; returns the mean loss."""
+        """One synchronous training step: forward_backward, optimizer step, zero grads; returns the mean loss.
+        A non-finite loss or gradient raises NonFiniteError (``on_nonfinite="raise"``) or drops the update and
+        counts it in ``skipped_steps`` (``"skip"``); either way nothing (parameters, buffers) changes."""
         if self.optimizer is None:
             raise ConfigError("step() needs an optimizer: compile(..., optimizer=lambda params: ...); "
                               "use forward_backward() to compute gradients only")
         loss = self.forward_backward(inputs, targets, record)
-        self.optimizer.step()
+        finding = self.executor.last_nonfinite
+        if finding is not None:  # decided alike on every rank (runtime.nonfinite): no update anywhere
+            for r in self.executor.replicas:
+                r.zero_grad()
+                r.stats.undo()
+            if self.on_nonfinite == "raise":
+                raise finding.error(self.steps_taken + 1)
+            self.skipped_steps += 1
+        else:
+            self.optimizer.step()
+        self.steps_taken += 1
         for r in self.executor.replicas:
             r.zero_grad()
         return loss
 
     def evaluate(self, inputs: Inputs, targets: Targets) -> float:
         """Forward-only mean loss over the batch (no gradients; the current train/eval mode applies)."""
-        return self.executor.run(self._splitter.split(inputs, targets), train=False, record=False)
+        return self.executor.run(self._splitter.split(inputs, targets), train=False, record=False,
+                                 step=self.steps_taken)
 
     def predict(self, inputs: Inputs) -> object:
         """Forward only over the batch's micro-batches, stage modules in eval mode (dropout off); returns the
@@ -150,7 +177,7 @@ class CompiledPipeline:
         for r in self.executor.replicas:
             r.module.train(False)
         try:
-            flat = self.executor.predict(batch)
+            flat = self.executor.predict(batch, self.steps_taken)
         finally:
             for r, mode in zip(self.executor.replicas, modes):
                 r.module.train(mode)
@@ -286,6 +313,8 @@ def compile(
     timeout: float = DEFAULT_TIMEOUT,
     trace_path: str | Path | None = None,
     leaf_modules: tuple[str | type[nn.Module], ...] = (),
+    seed: int = 0,
+    on_nonfinite: str = "raise",
     **schedule_options: object,
 ) -> CompiledPipeline:
     """Capture, partition, split and schedule ``model``; returns a pipeline that trains it.
@@ -294,7 +323,10 @@ def compile(
     ``NAME[:key=value,...]`` (default bitpipe), D default 4, N default 8; ``plan``: a Plan, or a path to one
     saved by ``bitpipe-fx partition``, to reuse its partition and program (schedule, D and N then come from
     it; a different value given here is refused); ``timeout``: bound in seconds of every wait in a
-    distributed step; ``leaf_modules``: submodules (FQNs or classes) that run as one opaque call each.
+    distributed step; ``leaf_modules``: submodules (FQNs or classes) that run as one opaque call each;
+    ``seed``: keys the random streams (dropout) of every micro-batch with the step number (runtime.rng), so
+    results do not depend on the schedule; ``on_nonfinite``: "raise" (NonFiniteError) or "skip" (drop that
+    step's update on every rank and count it in ``skipped_steps``).
     """
     if isinstance(plan, (str, Path)):
         plan = Plan.load(plan)
@@ -311,7 +343,8 @@ def compile(
         plan, split = _agree_on_plan(plan, split, model, example_inputs, leaf_modules)
     return CompiledPipeline(
         split, plan.program, loss_fn, example_inputs, optimizer=optimizer, data_parallel=data_parallel, plan=plan,
-        timeout=timeout, trace_path=trace_path, state_names=_state_names(model), source=model,
+        timeout=timeout, trace_path=trace_path, state_names=_state_names(model), source=model, seed=seed,
+        on_nonfinite=on_nonfinite,
     )
 
 

@@ -30,9 +30,14 @@ class PipelineRuntimeError(BitPipeError, RuntimeError):
     """Execution failed: a peer died, stalled, or sent something unexpected."""
 
 
+class NonFiniteError(BitPipeError, ArithmeticError):
+    """A step's loss or gradient was not finite (NaN or infinite); the update was not applied."""
+
+
 __all__ = [
     "BitPipeError",
     "ConfigError",
+    "NonFiniteError",
     "PartitionError",
     "PipelineRuntimeError",
     "ScheduleError",

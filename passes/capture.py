@@ -15,7 +15,7 @@ from torch import nn
 from bitpipe_fx.errors import ConfigError
 from bitpipe_fx.passes.export_capture import from_export
 from bitpipe_fx.passes.fx_capture import from_symbolic_trace
-from bitpipe_fx.passes.graph_form import TRAINING_FLAG, Captured, compute_nodes, tied_names
+from bitpipe_fx.passes.graph_form import TRAINING_FLAG, Captured, buffers_kept, compute_nodes, tied_names
 from bitpipe_fx.passes.opaque import leaf_instances
 from bitpipe_fx.passes.trace_errors import failing_module, is_data_dependent, trace_error
 
@@ -58,7 +58,8 @@ def capture(
         errors: list[tuple[str, BaseException]] = []
         while True:
             try:
-                return from_export(model, args, kwargs, was_training, leaf_instances(model, leaves))
+                with buffers_kept(model):
+                    return from_export(model, args, kwargs, was_training, leaf_instances(model, leaves))
             except Exception as exc:
                 where = failing_module(model, exc) if is_data_dependent(exc) else None
                 if not where or type(model.get_submodule(where)) in leaves or where in leaves:
@@ -66,7 +67,8 @@ def capture(
                     break
                 leaves.append(type(model.get_submodule(where)))  # data-dependent code: keep that module opaque
         try:
-            return from_symbolic_trace(model, args, kwargs, was_training, leaves)
+            with buffers_kept(model):
+                return from_symbolic_trace(model, args, kwargs, was_training, leaves)
         except Exception as exc:
             errors.append(("torch.fx.symbolic_trace", exc))
         raise trace_error(model, errors, leaves) from errors[-1][1]

@@ -21,7 +21,7 @@ from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from bitpipe_fx.passes.graph_form import TRAINING_FLAG, Captured, compute_nodes
+from bitpipe_fx.passes.graph_form import TRAINING_FLAG, Captured, buffers_kept, compute_nodes
 
 
 @dataclass(frozen=True)
@@ -149,11 +149,11 @@ class _Propagate(fx.Interpreter):
 def _propagate(captured: Captured) -> tuple[dict[fx.Node, Any], dict[fx.Node, int]]:
     interp = _Propagate(captured.graph_module)
     try:
-        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        with torch.no_grad(), buffers_kept(captured.graph_module), FakeTensorMode(allow_non_fake_inputs=True) as mode:
             interp.run(*(mode.from_tensor(t) for t in captured.example_inputs))
     except Exception:
         interp = _Propagate(captured.graph_module)
-        with torch.no_grad():
+        with torch.no_grad(), buffers_kept(captured.graph_module):
             interp.run(*captured.example_inputs)
     return interp.env, interp.flops
 

@@ -9,12 +9,14 @@
 Train/eval: the model is captured in train mode (so dropout is in the graph), and every dropout (aten
 dropout ops, and the ``dropout_p`` of scaled dot-product attention) reads its ``training`` flag from the
 stage module at run time (a ``TrainingFlag`` submodule), so ``stage.eval()`` really turns dropout off.
-Other mode-dependent code (e.g. batch-norm statistics) is frozen in train mode.
+Batch norm follows the mode too: it normalises with batch statistics and counts ``num_batches_tracked``
+in train mode only, and uses the running statistics in eval mode.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -175,6 +177,10 @@ def _follow_mode(graph: fx.Graph, node: fx.Node) -> None:
         return
     if node.target in _DROPOUT_OPS and len(node.args) >= 3 and node.args[2] is True:
         node.args = (*node.args[:2], _training_flag(graph, node))
+    elif node.target is torch.ops.aten.batch_norm.default and len(node.args) > 5 and node.args[5] is True:
+        node.args = (*node.args[:5], _training_flag(graph, node), *node.args[6:])
+    elif node.target is torch.ops.aten.add_.Tensor and _is_batch_counter(node.args[0]) and node.args[1] == 1:
+        node.args = (node.args[0], _training_flag(graph, node))  # adds True/False: 1 in train mode only
     elif node.target is torch.ops.aten.scaled_dot_product_attention.default:
         p = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
         if isinstance(p, (int, float)) and p > 0:
@@ -184,6 +190,23 @@ def _follow_mode(graph: fx.Graph, node: fx.Node) -> None:
                 node.kwargs = {**node.kwargs, "dropout_p": value}
             else:
                 node.args = (*node.args[:4], value, *node.args[5:])
+
+
+@contextmanager
+def buffers_kept(*modules: nn.Module) -> Iterator[None]:
+    """Run the body (a tracing or measuring forward) and put every buffer of ``modules`` back as it was:
+    the caller's model is never changed by compile (e.g. batch-norm statistics and counters)."""
+    saved = [(b, b.detach().clone()) for m in modules for b in m.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
+
+
+def _is_batch_counter(value: Any) -> bool:
+    return isinstance(value, fx.Node) and value.op == "get_attr" and str(value.target).endswith("num_batches_tracked")
 
 
 def train_value(training: bool, train: float, evaluate: float) -> float:

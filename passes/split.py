@@ -19,7 +19,7 @@ from torch import fx, nn
 
 from bitpipe_fx.errors import PartitionError
 from bitpipe_fx.passes.graph_form import TRAINING_FLAG, Captured, TrainingFlag, compute_nodes, fetch, is_free, tree
-from bitpipe_fx.passes.stages import SplitModel, StageSpec
+from bitpipe_fx.passes.stages import RunningStat, SplitModel, StageSpec
 
 
 def split(captured: Captured, partition: Any) -> SplitModel:
@@ -73,6 +73,7 @@ def split(captured: Captured, partition: Any) -> SplitModel:
             users_of.setdefault(name, []).append(spec.index)
     shared = {name: tuple(ks) for name, ks in users_of.items() if len(ks) > 1}
     unused = tuple(name for name, _ in captured.model.named_parameters() if name not in users_of)
+    keep_idle_state(stages[0], captured.model, stages)
     return SplitModel(
         stages=stages,
         specs=tuple(specs),
@@ -82,6 +83,26 @@ def split(captured: Captured, partition: Any) -> SplitModel:
         shared=shared,
         unused=unused,
     )
+
+
+def keep_idle_state(first: nn.Module, model: nn.Module, stages: Sequence[nn.Module]) -> None:
+    """Parameters and buffers no stage reads stay in the model's state: ``first`` holds them under their FQNs
+    (same tensors, same requires_grad, same persistence), so state dicts, checkpoints and exports keep them."""
+    held = {name for stage in stages for name, _ in (*stage.named_parameters(), *stage.named_buffers())}
+    persistent = set(model.state_dict())
+    for name, value in (*model.named_parameters(), *model.named_buffers()):
+        if name in held:
+            continue
+        *path, leaf = name.split(".")
+        owner = first
+        for atom in path:
+            if atom not in owner._modules:
+                owner.add_module(atom, nn.Module())
+            owner = owner.get_submodule(atom)
+        if isinstance(value, nn.Parameter):
+            owner.register_parameter(leaf, value)
+        else:
+            owner.register_buffer(leaf, value, persistent=name in persistent)
 
 
 def run_stages(split_model: SplitModel, args: tuple, kwargs: dict | None = None) -> Any:
@@ -144,8 +165,25 @@ def _build_stage(
         outputs=tuple(n.name for n in outputs),
         params=params,
         buffers=buffers,
+        running_stats=running_stats(own, set(buffers)),
     )
     return stage, spec
+
+
+def running_stats(nodes: list[fx.Node], buffers: set[str]) -> tuple[RunningStat, ...]:
+    """The batch norms among ``nodes`` whose running mean and variance are buffers of the stage."""
+    out = []
+    for node in nodes:
+        if node.op != "call_function" or node.target is not torch.ops.aten.batch_norm.default:
+            continue
+        mean, var, momentum = node.args[3], node.args[4], node.args[6]
+        if not all(isinstance(v, fx.Node) and v.op == "get_attr" and v.target in buffers for v in (mean, var)):
+            continue
+        tracked = str(mean.target).rpartition(".")[0] + ".num_batches_tracked"
+        tracked = tracked.lstrip(".")
+        out.append(RunningStat(str(mean.target), str(var.target), tracked if tracked in buffers else None,
+                               float(momentum)))
+    return tuple(out)
 
 
 def _state_order(model: nn.Module, captured: Captured, targets: set[str]) -> list[str]:

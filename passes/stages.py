@@ -18,6 +18,16 @@ from torch import nn
 
 
 @dataclass(frozen=True)
+class RunningStat:
+    """One batch norm's running statistics in a stage: buffer FQNs and its momentum (runtime/buffers.py)."""
+
+    mean: str
+    var: str
+    tracked: str | None  # its num_batches_tracked counter, when it has one
+    momentum: float
+
+
+@dataclass(frozen=True)
 class StageSpec:
     """What stage ``index`` reads, receives, sends and holds."""
 
@@ -27,6 +37,7 @@ class StageSpec:
     outputs: tuple[str, ...]  # values sent to stage index+1; for the last stage, the model's flat outputs
     params: tuple[str, ...]  # original FQNs of the parameters it holds
     buffers: tuple[str, ...] = ()
+    running_stats: tuple[RunningStat, ...] = ()  # batch norms that update running statistics in train mode
 
 
 @dataclass

@@ -15,6 +15,7 @@ import pytest
 from bitpipe_fx.runtime.launch import launch
 from bitpipe_fx.schedules import SCHEDULES, Program
 from bitpipe_fx.sim.trace import read_chrome_trace
+from tests.support.batchnorm import batchnorm_worker
 from tests.support.workers import compile_worker, contract_worker, sequence_worker
 
 pytestmark = pytest.mark.dist
@@ -38,8 +39,8 @@ def two(tmp_path_factory):
 def four(tmp_path_factory):
     trace = str(tmp_path_factory.mktemp("four") / "trace.json")
     jobs = _jobs(4, 1, 8) + _jobs(2, 2, 4)
-    results = launch(sequence_worker, 4, args=([(contract_worker, (jobs,)), (compile_worker, (trace,))],),
-                     timeout=120, join_timeout=600)
+    calls = [(contract_worker, (jobs,)), (compile_worker, (trace,)), (batchnorm_worker, (FAMILIES,))]
+    results = launch(sequence_worker, 4, args=(calls,), timeout=120, join_timeout=600)
     return results, trace
 
 
@@ -105,3 +106,17 @@ def test_gradient_sync_is_eager(group, request):
         if b.device == s.device and b.kind in ("B", "I", "W") and b.stage != s.stage and b.end > s.start
     ]
     assert eager, "every all-reduce started after the device's last backward"
+
+
+def test_four_processes_batch_norm_statistics_follow_the_micro_batch_order(four):
+    """D=2 x data-parallel 2: each copy of a stage sees a quarter or half of the micro-batches, yet every
+    copy ends each run with the running statistics of sequential accumulation over all 2N of them."""
+    (results, _) = four
+    covered: dict[str, set[str]] = defaultdict(set)
+    for rank, per_rank in enumerate(r[2] for r in results):
+        assert {job["schedule"] for job in per_rank} == set(FAMILIES)
+        for job in per_rank:
+            covered[job["schedule"]] |= set(job["names"])
+            assert max(job["errors"].values()) <= 1e-12, (rank, job)
+    for names in covered.values():
+        assert {"1.running_mean", "1.running_var", "1.num_batches_tracked", "4.running_var"} <= names

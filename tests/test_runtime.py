@@ -161,7 +161,7 @@ def test_deadlocked_program_is_reported():
 
     batch = BatchSplitter(split.input_names, split.flatten_inputs, specs.model_inputs, 1).split(*_batch(1))
     with pytest.raises(PipelineRuntimeError, match=r"deadlocked: device 0 at B0\.0\.0, device 1 at F0\.1\.0"):
-        ex.run(batch, train=True, record=False)
+        ex.run(batch, train=True, record=False, step=0)
 
 
 def test_stage_contract_is_checked():

@@ -1,6 +1,6 @@
 """End to end: `bitpipe-fx train` on 2 local processes writes its files, and --resume continues exactly.
 
-One module-scoped set of runs (each a real `bitpipe-fx train` command spawning 2 gloo processes):
+One module-scoped set of runs (each a real `bitpipe-fx train` command spawning 2 gloo processes, dropout 0.1):
 ``part`` trains 3 steps and is resumed to 6; ``whole`` trains 6 steps in one go.
 """
 
@@ -20,9 +20,9 @@ from bitpipe_fx.sim import read_chrome_trace
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
-ARGS = ["--arg", "dim=32", "--arg", "layers=2", "--arg", "heads=2", "--devices", "2", "--microbatches", "4",
-        "--batch-size", "8", "--seq-len", "16", "--lr", "1e-2", "--warmup", "0", "--eval-every", "2",
-        "--eval-batches", "2", "--save-every", "2", "--max-bytes", "400000", "--seed", "7"]
+ARGS = ["--arg", "dim=32", "--arg", "layers=2", "--arg", "heads=2", "--arg", "dropout=0.1", "--devices", "2",
+        "--microbatches", "4", "--batch-size", "8", "--seq-len", "16", "--lr", "1e-2", "--warmup", "0",
+        "--eval-every", "2", "--eval-batches", "2", "--save-every", "2", "--max-bytes", "400000", "--seed", "7"]
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
 
 
@@ -105,3 +105,27 @@ def test_example_script_in_one_process_matches_the_non_pipelined_reference(tmp_p
     assert "losses agree" in proc.stdout
     assert "in one process (--local) running the 2 devices one after another" in proc.stdout
     assert "  device 1: compute " in proc.stdout
+
+
+def test_bert_with_dropout_matches_the_non_pipelined_reference_in_float64(tmp_path):
+    proc = _train(tmp_path, "--model", "bert", "--dtype", "float64", "--steps", "3", "--compare-steps", "3",
+                  "--schedule", "bitpipe")
+    reference = json.loads((tmp_path / "metrics.json").read_text())["reference"]
+    assert reference["agree"] and len(reference["reference"]) == 3
+    assert reference["max_rel_diff"] <= 1e-12, reference
+    assert "losses agree" in proc.stdout
+
+
+def test_a_non_finite_step_stops_the_run_in_one_line_and_keeps_the_last_good_checkpoint(tmp_path):
+    args = [*_cli(), "train", *ARGS, "--steps", "4", "--save-every", "1", "--lr", "1e30"]
+    proc = subprocess.run([*args, "--out", str(tmp_path / "raise")], capture_output=True, text=True, timeout=240,
+                          env=ENV)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "NonFiniteError" in lines[0] and "step 2: non-finite loss in micro-batch" in lines[0]
+    latest = json.loads((tmp_path / "raise" / "checkpoint" / "latest.json").read_text())
+    assert latest["step"] == 1 and not (tmp_path / "raise" / "checkpoint" / "step-000002").exists()
+    proc = subprocess.run([*args, "--local", "--on-nonfinite", "skip", "--out", str(tmp_path / "skip")],
+                          capture_output=True, text=True, timeout=240, env=ENV)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads((tmp_path / "skip" / "metrics.json").read_text())["skipped_steps"] == [2, 3, 4]

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from bitpipe_fx.errors import PipelineRuntimeError
-from bitpipe_fx.passes.stages import LossFn, SplitModel, StageSpec, Targets
-from bitpipe_fx.runtime import splitbw
+from bitpipe_fx.passes.stages import LossFn, RunningStat, SplitModel, StageSpec, Targets
+from bitpipe_fx.runtime import rng, splitbw
+from bitpipe_fx.runtime.buffers import RunningStats
 from bitpipe_fx.schedules.ir import Placement
 
 
@@ -29,11 +30,15 @@ def is_floating(t: torch.Tensor) -> bool:
 class StageReplica:
     """A private module copy of one stage on one device, with flat gradient buffers."""
 
-    def __init__(self, stage: int, module: nn.Module) -> None:
+    def __init__(self, stage: int, module: nn.Module, running: Sequence[RunningStat] = (),
+                 unused: Sequence[str] = ()) -> None:
         self.stage = stage
         self.module = module
+        self.stats = RunningStats(module, running)
         self.params: dict[str, nn.Parameter] = dict(module.named_parameters())
-        self.trainable = [p for p in self.params.values() if p.requires_grad]
+        self.device = rng.device_of(module)
+        # frozen parameters, and those no stage reads (no gradient, as in the model), are not trained
+        self.trainable = [p for n, p in self.params.items() if p.requires_grad and n not in unused]
         self.flat_grads: list[torch.Tensor] = []
         self._views: list[tuple[nn.Parameter, torch.Tensor]] = []
         groups: dict[tuple[torch.dtype, torch.device], list[nn.Parameter]] = {}
@@ -66,6 +71,7 @@ class _Saved:
     root_index: list[int]  # index among the floating outputs of each root (gradient to use)
     out_grads: list[torch.Tensor] | None = None  # kept between I and W
     deferred: splitbw.DeferredWeights | None = None  # what W needs after I
+    rng_state: torch.Tensor | None = None  # generator state the forward started from (for a recomputation)
 
 
 class Chunk:
@@ -111,6 +117,11 @@ class Chunk:
                 result = tuple(t.detach() for t in out)
         self.saved[m] = _Saved([t for t in leaves if is_floating(t)], roots, index)
         return result
+
+    def started_from(self, m: int, state: torch.Tensor) -> None:
+        """Keep the generator state micro-batch m's forward started from, with what its backward needs."""
+        if m in self.saved:
+            self.saved[m].rng_state = state
 
     def outputs(self, model_inputs: Sequence[torch.Tensor], received: Sequence[torch.Tensor]) -> tuple:
         """The stage's flat outputs without loss or autograd (the last stage's are the model's: predict)."""
@@ -182,7 +193,8 @@ def build_device(
     last = split.num_stages - 1
     for pipe, stage in placement.chunks(device):
         if stage not in replicas:
-            replicas[stage] = StageReplica(stage, copy.deepcopy(split.stages[stage]))
+            replicas[stage] = StageReplica(stage, copy.deepcopy(split.stages[stage]), split.specs[stage].running_stats,
+                                           split.unused)
         chunks[(pipe, stage)] = Chunk(
             pipe, stage, replicas[stage], split.specs[stage], stage == last, loss_fn, split.unflatten_output
         )

@@ -16,11 +16,14 @@ import torch.distributed as dist
 
 from bitpipe_fx.errors import PipelineRuntimeError
 from bitpipe_fx.passes.stages import LossFn, SplitModel
+from bitpipe_fx.runtime import rng
 from bitpipe_fx.runtime.batch import MicroBatch
+from bitpipe_fx.runtime.buffers import replay_over
 from bitpipe_fx.runtime.chunk import StageReplica, build_device
 from bitpipe_fx.runtime.gradsync import GradSync
 from bitpipe_fx.runtime.group import check_world
 from bitpipe_fx.runtime.interpreter import DeviceInterpreter, forward_only
+from bitpipe_fx.runtime.nonfinite import Finding, earliest
 from bitpipe_fx.runtime.p2p import P2P
 from bitpipe_fx.runtime.predict import PredictInterpreter, share
 from bitpipe_fx.runtime.specs import BoundarySpecs, TensorSpec
@@ -58,8 +61,9 @@ class DistributedExecutor:
         data_parallel: int,
         timeout: float,
         lookahead: int = 4,
+        seed: int = 0,
     ) -> None:
-        self.program, self.dp, self.timeout = program, data_parallel, timeout
+        self.program, self.dp, self.timeout, self.seed = program, data_parallel, timeout, seed
         self.rank, self.world = check_world(program.devices, data_parallel)
         self.device, self.dp_index = self.rank % program.devices, self.rank // program.devices
         broadcast_stages(split)
@@ -83,43 +87,63 @@ class DistributedExecutor:
         }
         self._predict = PredictInterpreter(self.device, fwd, chunks, self._p2p[False], self.gradsync.start)
         self.last_events: list[TraceEvent] = []
+        self.last_nonfinite: Finding | None = None  # where the last training run first went non-finite
 
     @property
     def replicas(self) -> list[StageReplica]:
         return list(self.local_replicas.values())
 
-    def run(self, batch: list[MicroBatch], train: bool, record: bool) -> float:
-        """One step over this rank's ``batch``; returns the mean loss over every micro-batch of every rank."""
+    def _keys(self, step: int) -> rng.StepKeys:
+        """This pipeline's micro-batch m is global micro-batch dp_index * N + m."""
+        return rng.StepKeys(self.seed, step, self.dp_index * self.program.microbatches, self.tensor_device)
+
+    def run(self, batch: list[MicroBatch], train: bool, record: bool, step: int) -> float:
+        """One step (number ``step``, 0-based: it keys the random streams) over this rank's ``batch``; returns
+        the mean loss over every micro-batch of every rank."""
         if record:
             self._wait(dist.barrier(async_op=True), "the barrier that starts a recorded step")
         recorder = Recorder(self.rank, record)
         interp, p2p = self._interp[train], self._p2p[train]
-        interp.begin(batch, 1.0 / (len(batch) * self.dp), train, recorder)
+        for r in self.replicas:
+            r.stats.begin()
+        interp.begin(batch, 1.0 / (len(batch) * self.dp), train, recorder, self._keys(step))
         p2p.begin(recorder)
         self.gradsync.recorder = recorder
         while not interp.done:
             interp.run_next()
         p2p.finish()
+        for stage, r in sorted(self.local_replicas.items()):
+            if r.stats:
+                replay_over(r.stats, len(batch) * self.dp, self.gradsync.groups.get(stage), self._wait)
         if train:
             self.gradsync.finish()
-        loss = torch.tensor(interp.loss_sum(), dtype=torch.float64, device=self.tensor_device)
-        self._wait(dist.all_reduce(loss, async_op=True), "the loss all-reduce")
+        found = interp.watch.findings(interp.losses, self.program.stages - 1, self._keys(step).first) if train else []
+        totals = torch.tensor([interp.loss_sum(), len(found)], dtype=torch.float64, device=self.tensor_device)
+        self._wait(dist.all_reduce(totals, async_op=True), "the loss all-reduce")
+        loss = totals[0]
+        self.last_nonfinite = self._agree(found) if totals[1] > 0 else None
         if record:
             gathered: list[list[TraceEvent] | None] = [None] * self.world
             dist.all_gather_object(gathered, recorder.events)
             self.last_events = merge(ev or [] for ev in gathered)
         return float(loss)
 
-    def predict(self, batch: list[MicroBatch]) -> dict[int, tuple[torch.Tensor, ...]]:
+    def predict(self, batch: list[MicroBatch], step: int) -> dict[int, tuple[torch.Tensor, ...]]:
         """Forward-only pass over this pipeline's ``batch``; every micro-batch's flat outputs, on every rank of
         the pipeline (the last stage's ranks share theirs)."""
         recorder = Recorder(self.rank, False)
-        self._predict.start(batch, recorder)
+        self._predict.start(batch, recorder, self._keys(step))
         self._p2p[False].begin(recorder)
         while not self._predict.done:
             self._predict.run_next()
         self._p2p[False].finish()
         return share(self._predict.outputs, self.dp_index, self.world)
+
+    def _agree(self, found: list[Finding]) -> Finding | None:
+        """Every rank's findings, so that all pick the same earliest one (only when some rank found one)."""
+        everyone: list[list[Finding] | None] = [None] * self.world
+        dist.all_gather_object(everyone, found)
+        return earliest(f for part in everyone for f in part or [])
 
     def _wait(self, work: dist.Work, what: str) -> None:
         start = time.perf_counter()

@@ -1,7 +1,8 @@
 """The one interpreter of a device's action list, shared by the local and the distributed executor.
 
 Cross-device values go through a ``Transport`` and only where ``schedules.comm`` derives a message; values
-whose producer and consumer chunk sit on the same device (V turns) are handed over directly.
+whose producer and consumer chunk sit on the same device (V turns) are handed over directly. Every forward
+runs under the randomness rule (runtime.rng): its activation bundle ends with the generator state it left.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from typing import Protocol
 import torch
 
 from bitpipe_fx.errors import PipelineRuntimeError
+from bitpipe_fx.runtime import rng
 from bitpipe_fx.runtime.batch import MicroBatch
 from bitpipe_fx.runtime.chunk import Chunk, StageReplica
+from bitpipe_fx.runtime.nonfinite import Watch
 from bitpipe_fx.runtime.timeline import Recorder
 from bitpipe_fx.schedules.comm import Message, consumed_value, produced_value
 from bitpipe_fx.schedules.ir import Action, Program
@@ -57,18 +60,22 @@ class DeviceInterpreter:
         for c in chunks.values():
             self._chunks_per_replica[id(c.replica)] = self._chunks_per_replica.get(id(c.replica), 0) + 1
         self.pos = 0
+        self.watch = Watch()
 
-    def begin(self, batch: list[MicroBatch], scale: float, train: bool, recorder: Recorder) -> None:
-        """Reset for a step over ``batch``; the last stage's loss is multiplied by ``scale``."""
-        self.batch, self.scale, self.train, self.recorder = batch, scale, train, recorder
+    def begin(self, batch: list[MicroBatch], scale: float, train: bool, recorder: Recorder,
+              keys: rng.StepKeys) -> None:
+        """Reset for a step over ``batch``; the last stage's loss is multiplied by ``scale``; ``keys``: where each
+        micro-batch's random stream starts."""
+        self.batch, self.scale, self.train, self.recorder, self.keys = batch, scale, train, recorder, keys
         self.pos = 0
         self.handoff: dict[Message, list[torch.Tensor]] = {}
-        self.losses: list[torch.Tensor] = []
+        self.losses: dict[int, torch.Tensor] = {}  # scaled loss by micro-batch (last stage)
+        self.watch.begin()
         self._synced: dict[int, int] = {}
 
     def loss_sum(self) -> float:
         """Sum of this device's scaled micro-batch losses (summed in float64)."""
-        return float(sum(loss.to(torch.float64) for loss in self.losses)) if self.losses else 0.0
+        return float(sum(loss.to(torch.float64) for loss in self.losses.values())) if self.losses else 0.0
 
     @property
     def done(self) -> bool:
@@ -98,8 +105,10 @@ class DeviceInterpreter:
             raise PipelineRuntimeError(f"device {self.device} runs {a} but does not hold chunk {a.chunk}")
         received = self._receive(a, self._consumed[i])
         start = time.perf_counter()
-        produced = self._compute(chunk, a, received)
+        produced = self._forward(chunk, a, received) if a.kind == "F" else self._compute(chunk, a, received)
         self.recorder.action(a, start, time.perf_counter())
+        if a.kind in ("B", "W") and self.train:
+            self.watch.after_backward(chunk.replica, self.keys.first + a.microbatch)
         if produced is not None:
             self._produce(a, self._produced[i], produced)
 
@@ -115,13 +124,31 @@ class DeviceInterpreter:
             )
         return self.handoff.pop(value)
 
+    def _forward(self, chunk: Chunk, a: Action, received: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
+        """F under the randomness rule: stage 0 starts from the micro-batch's key state, later stages from the
+        state that came with the activation; the state left is sent on after the outputs. Batch-norm running
+        statistics are recorded per global micro-batch (runtime.buffers)."""
+        if chunk.stage == 0:
+            acts, state = received or [], self.keys.state(a.microbatch)
+        else:
+            *acts, state = received or []
+        stats = chunk.replica.stats if chunk.replica.module.training else None
+        if stats:
+            stats.before_forward()
+        with rng.stream(state, chunk.replica.device) as stream:
+            out = self._compute(chunk, a, acts)
+        if stats:
+            stats.after_forward(self.keys.first + a.microbatch)
+        chunk.started_from(a.microbatch, state)
+        return None if out is None else [*out, stream.after]
+
     def _compute(self, chunk: Chunk, a: Action, received: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
         if a.kind == "F":
             mb = self.batch[a.microbatch]
             model_inputs = [mb.inputs[n] for n in chunk.spec.model_inputs]
             out = chunk.forward(a.microbatch, model_inputs, received or [], mb.target, self.scale, self.train)
             if chunk.last:
-                self.losses.append(out.detach())
+                self.losses[a.microbatch] = out.detach()
                 return None
             return list(out)
         if a.kind == "B":

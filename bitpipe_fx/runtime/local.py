@@ -13,9 +13,12 @@ import torch
 
 from bitpipe_fx.errors import ConfigError, PipelineRuntimeError
 from bitpipe_fx.passes.stages import LossFn, SplitModel
+from bitpipe_fx.runtime import rng
 from bitpipe_fx.runtime.batch import MicroBatch
+from bitpipe_fx.runtime.buffers import replay_in_process
 from bitpipe_fx.runtime.chunk import StageReplica, build_device
 from bitpipe_fx.runtime.interpreter import DeviceInterpreter, forward_only
+from bitpipe_fx.runtime.nonfinite import Finding, earliest
 from bitpipe_fx.runtime.predict import PredictInterpreter
 from bitpipe_fx.runtime.specs import BoundarySpecs, check_message
 from bitpipe_fx.runtime.timeline import Recorder, merge
@@ -55,6 +58,7 @@ class LocalExecutor:
         loss_fn: LossFn,
         specs: BoundarySpecs,
         data_parallel: int = 1,
+        seed: int = 0,
     ) -> None:
         if data_parallel != 1:
             raise ConfigError(
@@ -62,7 +66,7 @@ class LocalExecutor:
                 f"torch.distributed with world size devices x data_parallel = {program.devices * data_parallel} "
                 "(torchrun, or bitpipe_fx.runtime.launch); the local executor runs data_parallel=1 only"
             )
-        self.program, self.split = program, split
+        self.program, self.split, self.seed = program, split, seed
         self.mailbox = Mailbox(specs)
         self.device_replicas: list[dict[int, StageReplica]] = []
         self._train: list[DeviceInterpreter] = []
@@ -76,21 +80,28 @@ class LocalExecutor:
             self._eval.append(DeviceInterpreter(d, fwd, chunks, self.mailbox, lambda r: None))
             self._predict.append(PredictInterpreter(d, fwd, chunks, self.mailbox, lambda r: None))
         self.last_events: list[TraceEvent] = []
+        self.last_nonfinite: Finding | None = None  # where the last training run first went non-finite
 
     @property
     def replicas(self) -> list[StageReplica]:
         """Every replica this process holds (all devices)."""
         return [r for reps in self.device_replicas for r in reps.values()]
 
-    def run(self, batch: list[MicroBatch], train: bool, record: bool) -> float:
-        """One step over ``batch``; returns the mean loss. With ``train`` the summed gradients are left."""
+    def run(self, batch: list[MicroBatch], train: bool, record: bool, step: int) -> float:
+        """One step (number ``step``, 0-based: it keys the random streams) over ``batch``; returns the mean loss.
+        With ``train`` the summed gradients are left."""
         interps = self._train if train else self._eval
         t0 = time.perf_counter()
         recorders = [Recorder(d, record, t0) for d in range(self.program.devices)]
         scale = 1.0 / len(batch)
+        for r in self.replicas:
+            r.stats.begin()
         for it, rec in zip(interps, recorders):
-            it.begin(batch, scale, train, rec)
+            it.begin(batch, scale, train, rec, self._keys(step))
         self._drive(interps)
+        for stage in range(self.program.stages):
+            devices = self.program.placement.replica_devices(stage)
+            replay_in_process([self.device_replicas[d][stage].stats for d in devices], len(batch))
         if train:
             start = time.perf_counter()
             self._sum_replicas()
@@ -98,12 +109,19 @@ class LocalExecutor:
             for rec in recorders:
                 rec.event("grad sum", "SYNC", -1, -1, -1, start, time.perf_counter())
         self.last_events = merge(rec.events for rec in recorders)
+        last = self.program.stages - 1
+        found = [f for it in interps for f in it.watch.findings(it.losses, last, 0)] if train else []
+        self.last_nonfinite = earliest(found)
         return sum(it.loss_sum() for it in interps)
 
-    def predict(self, batch: list[MicroBatch]) -> dict[int, tuple[torch.Tensor, ...]]:
+    def _keys(self, step: int) -> rng.StepKeys:
+        device = next((r.device for r in self.replicas), rng.CPU)
+        return rng.StepKeys(self.seed, step, 0, device)
+
+    def predict(self, batch: list[MicroBatch], step: int) -> dict[int, tuple[torch.Tensor, ...]]:
         """Forward-only pass over ``batch``; the last stage's flat outputs by micro-batch."""
         for d, it in enumerate(self._predict):
-            it.start(batch, Recorder(d, False))
+            it.start(batch, Recorder(d, False), self._keys(step))
         self._drive(self._predict)
         return {m: out for it in self._predict for m, out in it.outputs.items()}
 

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from bitpipe_fx.errors import ConfigError, PipelineRuntimeError
+from bitpipe_fx.runtime import rng
 from bitpipe_fx.runtime.chunk import Chunk
 from bitpipe_fx.runtime.interpreter import DeviceInterpreter
 from bitpipe_fx.runtime.timeline import Recorder
@@ -28,9 +29,9 @@ FlatOutputs = tuple[torch.Tensor, ...]
 class PredictInterpreter(DeviceInterpreter):
     """The forward-only interpreter whose last-stage forwards keep their outputs (``outputs[m]``)."""
 
-    def start(self, batch: list, recorder: Recorder) -> None:
+    def start(self, batch: list, recorder: Recorder, keys: rng.StepKeys) -> None:
         """Reset for a forward-only pass over ``batch``."""
-        self.begin(batch, 1.0, False, recorder)
+        self.begin(batch, 1.0, False, recorder, keys)
         self.outputs: dict[int, FlatOutputs] = {}
 
     def _compute(self, chunk: Chunk, a: Action, received: list[torch.Tensor] | None) -> list[torch.Tensor] | None:

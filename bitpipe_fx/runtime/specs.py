@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import torch
 
 from bitpipe_fx.errors import ConfigError, PipelineRuntimeError
+from bitpipe_fx.passes.graph_form import buffers_kept
 from bitpipe_fx.passes.stages import SplitModel
+from bitpipe_fx.runtime import rng
 
 
 @dataclass(frozen=True)
@@ -36,14 +38,16 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class BoundarySpecs:
-    """``outputs[s]``: the tensors stage s sends on (its outputs); the model inputs of one micro-batch."""
+    """``outputs[s]``: the tensors stage s sends on (its outputs); the model inputs of one micro-batch;
+    ``rng``: the packed generator state that travels after the outputs (runtime.rng)."""
 
     model_inputs: dict[str, TensorSpec]
     outputs: tuple[tuple[TensorSpec, ...], ...]
+    rng: TensorSpec
 
     def act(self, stage: int) -> tuple[TensorSpec, ...]:
-        """Tensors of the activation message of ``stage`` (its outputs)."""
-        return self.outputs[stage]
+        """Tensors of the activation message of ``stage``: its outputs, then the generator state it left."""
+        return (*self.outputs[stage], self.rng)
 
     def grad(self, stage: int) -> tuple[TensorSpec, ...]:
         """Tensors of the gradient message of ``stage``: one per floating input (= floating output of stage-1)."""
@@ -69,7 +73,8 @@ def trace_boundaries(split: SplitModel, flat_inputs: Sequence[torch.Tensor]) -> 
     by_name = dict(zip(split.input_names, flat_inputs))
     received: tuple[torch.Tensor, ...] = ()
     outputs = []
-    with torch.no_grad():
+    device = rng.device_of(split.stages[0])
+    with torch.no_grad(), rng.preserved(device), buffers_kept(*split.stages):  # shared with the caller's model
         for stage, spec in zip(split.stages, split.specs):
             out = stage(*(by_name[n] for n in spec.model_inputs), *received)
             out = tuple(out) if isinstance(out, (tuple, list)) else (out,)
@@ -83,7 +88,8 @@ def trace_boundaries(split: SplitModel, flat_inputs: Sequence[torch.Tensor]) -> 
                 raise ConfigError(f"stage {spec.index} output(s) {bad} are not tensors; stages must send tensors")
             outputs.append(tuple(TensorSpec.of(t) for t in out if isinstance(t, torch.Tensor)))
             received = out
-    return BoundarySpecs({n: TensorSpec.of(t) for n, t in by_name.items()}, tuple(outputs))
+    return BoundarySpecs({n: TensorSpec.of(t) for n, t in by_name.items()}, tuple(outputs),
+                         TensorSpec.of(rng.pack(device)))
 
 
 def check_message(what: str, tensors: Sequence[torch.Tensor], want: Sequence[TensorSpec]) -> None:

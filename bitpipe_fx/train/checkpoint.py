@@ -33,17 +33,20 @@ class History:
     losses: list[float] = field(default_factory=list)
     tokens_per_s: list[float] = field(default_factory=list)
     val: list[tuple[int, float]] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)  # steps whose update was dropped (--on-nonfinite skip)
 
     @property
     def step(self) -> int:
         return len(self.losses)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"losses": self.losses, "tokens_per_s": self.tokens_per_s, "val": [list(v) for v in self.val]}
+        return {"losses": self.losses, "tokens_per_s": self.tokens_per_s, "val": [list(v) for v in self.val],
+                "skipped_steps": self.skipped}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> History:
-        return cls(list(d["losses"]), list(d["tokens_per_s"]), [(int(s), float(v)) for s, v in d["val"]])
+        return cls(list(d["losses"]), list(d["tokens_per_s"]), [(int(s), float(v)) for s, v in d["val"]],
+                   [int(k) for k in d.get("skipped_steps", [])])
 
 
 def directory(out: str | Path) -> Path:

@@ -85,6 +85,8 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> 
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even when GPUs are present")
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads per process")
     p.add_argument("--timeout", type=float, default=d.timeout, help="seconds before a stalled rank is an error")
+    p.add_argument("--on-nonfinite", choices=("raise", "skip"), default=d.on_nonfinite,
+                   help="a NaN/inf loss or gradient stops the run (raise) or drops that step's update (skip)")
     if name == "demo":
         p.set_defaults(**DEMO)
     p.set_defaults(func=lambda args: run(config_from_args(args), name))
@@ -105,7 +107,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         out=args.out, resume=args.resume or args.resume_from is not None, resume_from=args.resume_from,
         overwrite=args.overwrite, eval_every=args.eval_every, eval_batches=args.eval_batches,
         save_every=args.save_every, record_step=args.record_step, compare_steps=args.compare_steps,
-        local=args.local, cpu=args.cpu, threads=args.threads, timeout=args.timeout,
+        local=args.local, cpu=args.cpu, threads=args.threads, timeout=args.timeout, on_nonfinite=args.on_nonfinite,
     )
 
 

@@ -64,6 +64,7 @@ class TrainConfig:
     cpu: bool = False
     threads: int = 1
     timeout: float = 60.0
+    on_nonfinite: str = "raise"
 
     @property
     def rows_per_microbatch(self) -> int:

@@ -2,16 +2,20 @@
 
 Step k computes ``for m: (loss(model(x_m), y_m) / N).backward()`` over the same N micro-batches (times the
 data-parallel degree) the pipeline splits batch k into, then runs the optimizer once: DESIGN.md's numerics
-contract, so its losses must match the pipelined run's to rounding.
+contract, so its losses must match the pipelined run's to rounding. Micro-batch m of step k draws its random
+numbers (dropout) from the key of (seed, k-1, m), the rule the pipeline follows (runtime.rng).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
 
+from bitpipe_fx.runtime import rng
 from bitpipe_fx.train.data import Batches, load_corpus
 from bitpipe_fx.train.job import TrainConfig, build_model, loss_fn, optimizer_factory
 
@@ -23,6 +27,20 @@ def _rows(batch, n: int) -> list:
     if isinstance(batch, torch.Tensor):
         return list(batch.tensor_split(n))
     return list(zip(*(b.tensor_split(n) for b in batch)))
+
+
+def accumulate(model: nn.Module, micro_batches: Sequence[tuple[tuple[torch.Tensor, ...], Any]],
+               loss_fn: Callable[[Any, Any], torch.Tensor], seed: int, step: int) -> float:
+    """Non-pipelined gradient accumulation of step ``step`` (0-based): ``(loss_fn(model(*x_m), y_m) / N).backward()``
+    for m in order, micro-batch m run from the key state of (seed, step, m); returns the mean loss."""
+    n, total = len(micro_batches), 0.0
+    device = rng.device_of(model)
+    for m, (args, target) in enumerate(micro_batches):
+        with rng.keyed(seed, step, m, device):
+            loss = loss_fn(model(*args), target) / n
+        loss.backward()
+        total += float(loss.detach())
+    return total
 
 
 def reference_losses(cfg: TrainConfig, steps: int) -> list[float]:
@@ -39,14 +57,9 @@ def reference_losses(cfg: TrainConfig, steps: int) -> list[float]:
     for k in range(1, steps + 1):
         inputs, targets = batches.train(k)
         optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for x, y in zip(_rows(inputs, n), _rows(targets, n)):
-            args = (x,) if isinstance(x, torch.Tensor) else x
-            loss = loss_fn(model(*args), y) / n
-            loss.backward()
-            total += float(loss.detach())
+        parts = [((x,) if isinstance(x, torch.Tensor) else x, y) for x, y in zip(_rows(inputs, n), _rows(targets, n))]
+        out.append(accumulate(model, parts, loss_fn, cfg.seed, k - 1))
         optimizer.step()
-        out.append(total)
     return out
 
 

@@ -161,7 +161,7 @@ def worker(cfg: TrainConfig, plan_path: str | None, start: int, history: History
     batches = Batches(load_corpus(cfg.data, cfg.max_bytes), cfg.task, cfg.batch_size, cfg.seq_len, cfg.seed)
     pipe = bp.compile(model, example, loss_fn, cfg.schedule, cfg.devices, cfg.microbatches,
                       optimizer=optimizer_factory(cfg), data_parallel=cfg.data_parallel, plan=plan_path,
-                      timeout=cfg.timeout, **dict(cfg.schedule_options))
+                      timeout=cfg.timeout, seed=cfg.seed, on_nonfinite=cfg.on_nonfinite, **dict(cfg.schedule_options))
     del model
     pipe.train()
     if rank == 0 and plan_path is None:
@@ -171,6 +171,7 @@ def worker(cfg: TrainConfig, plan_path: str | None, start: int, history: History
         extra = pipe.load_checkpoint(checkpoint.step_dir(cfg.out, start), extra=(checkpoint.rng_key(rank),))
         if extra:  # a rank of a run resharded onto more ranks keeps its seeded state
             _set_rng_state(extra[checkpoint.rng_key(rank)], device)
+        pipe.steps_taken = start  # step k draws from the keys of step k-1, resumed or not (runtime.rng)
     dp_index = rank // cfg.devices if pipe.distributed else 0
 
     def batch(data: Rows) -> Rows:
@@ -191,8 +192,11 @@ def worker(cfg: TrainConfig, plan_path: str | None, start: int, history: History
     for k in range(start + 1, cfg.steps + 1):
         inputs, targets = batches.train(k)
         t0 = time.perf_counter()
-        loss = pipe.step(batch(inputs), batch(targets), record=k == recorded)
+        skipped = pipe.skipped_steps
+        loss = pipe.step(batch(inputs), batch(targets), record=k == recorded)  # NonFiniteError: no checkpoint
         elapsed = time.perf_counter() - t0
+        if pipe.skipped_steps > skipped:
+            history.skipped.append(k)
         history.losses.append(loss)
         history.tokens_per_s.append(tokens / elapsed)
         progress.step(k, loss, tokens / elapsed)

@@ -41,7 +41,8 @@ class ModelCase:
 
 
 def model_case(name: str, dtype: torch.dtype = torch.float64, max_stages: int = 8) -> ModelCase:
-    """"toy" (hand split), "gpt", "bert" (bitpipe_fx.examples) or "hf-gpt2" (transformers, small config).
+    """"toy" (hand split), "gpt", "bert" (bitpipe_fx.examples, BERT with dropout 0.1) or "hf-gpt2" (transformers,
+    small config, dropout 0.1 everywhere).
 
     Captured once; ``split_for(program)`` partitions and splits for the program's placement.
     """
@@ -63,7 +64,7 @@ def model_case(name: str, dtype: torch.dtype = torch.float64, max_stages: int = 
             tokens, targets = ex.lm_batch(128, rows, 16, seed=seed)
             return (tokens,), targets
     elif name == "bert":
-        model, example = ex.bert(layers=4)
+        model, example = ex.bert(layers=4, dropout=0.1)
 
         def batch(rows: int, seed: int) -> Batch:
             tokens, mask, targets = ex.mlm_batch(128, rows, 16, seed=seed)
@@ -71,8 +72,8 @@ def model_case(name: str, dtype: torch.dtype = torch.float64, max_stages: int = 
     elif name == "hf-gpt2":
         from transformers import GPT2Config, GPT2LMHeadModel  # optional dependency (the hf extra)
 
-        cfg = GPT2Config(vocab_size=96, n_positions=32, n_embd=32, n_layer=4, n_head=2, resid_pdrop=0.0,
-                         embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False, bos_token_id=0, eos_token_id=0)
+        cfg = GPT2Config(vocab_size=96, n_positions=32, n_embd=32, n_layer=4, n_head=2, resid_pdrop=0.1,
+                         embd_pdrop=0.1, attn_pdrop=0.1, use_cache=False, bos_token_id=0, eos_token_id=0)
         with torch.random.fork_rng():
             torch.manual_seed(0)
             model = GPT2LMHeadModel(cfg)
@@ -96,10 +97,11 @@ def model_case(name: str, dtype: torch.dtype = torch.float64, max_stages: int = 
 
 def contract_errors(
     case: ModelCase, program: Program, data_parallel: int = 1, steps: int = 3, rows_per_microbatch: int = 2,
-    seed: int = 7, **pipe_options: object,
+    seed: int = 7, rng_seed: int = 0, **pipe_options: object,
 ) -> dict[str, object]:
     """Run the numerics contract for one (model, program): relative errors of the loss, of every gradient
-    this process holds (by FQN) and of the parameters after ``steps`` SGD steps, against the reference.
+    this process holds (by FQN) and of the parameters after ``steps`` SGD steps, against the reference; both
+    draw random numbers under the rule of runtime.rng with ``rng_seed``.
 
     Under torch.distributed, this rank's data-parallel shard is its part of the global batch.
     """
@@ -108,16 +110,16 @@ def contract_errors(
     inputs, targets = case.batches(rows_per_microbatch * n * data_parallel, seed)
     mine = (rows(inputs, data_parallel)[dp_index], rows(targets, data_parallel)[dp_index])
     pipe = CompiledPipeline(case.split_for(program), program, case.loss_fn, case.example_inputs, optimizer=sgd,
-                            data_parallel=data_parallel, **pipe_options)
+                            data_parallel=data_parallel, seed=rng_seed, **pipe_options)
     loss = pipe.forward_backward(*mine)
     grads = pipe.gradients()
     for _ in range(steps):
         pipe.step(*mine)
-    ref = reference_run(case.model, case.loss_fn, inputs, targets, n * data_parallel, steps)
+    ref = reference_run(case.model, case.loss_fn, inputs, targets, n * data_parallel, steps, rng_seed)
     grad_err = max(max_rel_err(g, ref.grads[k]) for k, g in grads.items())
     param_err = max(max_rel_err(p.detach(), ref.params[k]) for k, p in pipe.named_parameters().items())
     return {
         "model": case.name, "schedule": program.name, "devices": program.devices, "dp": data_parallel,
-        "loss_err": abs(loss - ref.loss) / abs(ref.loss), "grad_err": grad_err, "param_err": param_err,
+        "loss": loss, "loss_err": abs(loss - ref.loss) / abs(ref.loss), "grad_err": grad_err, "param_err": param_err,
         "fqns": sorted(grads), "all_fqns": sorted(ref.grads),
     }

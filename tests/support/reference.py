@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from bitpipe_fx.train.reference import accumulate
+
 Rows = torch.Tensor | tuple[torch.Tensor, ...]  # a batch: one tensor, or a tuple of them (same rows)
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -20,15 +22,13 @@ def rows(value: Rows, n: int) -> list[Rows]:
     return [tuple(part) for part in zip(*(v.tensor_split(n) for v in value))]
 
 
-def reference_grads(model: nn.Module, inputs: Rows, targets: Rows, n: int,
-                    loss_fn: LossFn) -> tuple[float, dict[str, torch.Tensor]]:
-    """Non-pipelined reference: for m, (loss_fn(model(*x_m), y_m) / n).backward(); returns (loss, grads by FQN)."""
+def reference_grads(model: nn.Module, inputs: Rows, targets: Rows, n: int, loss_fn: LossFn, seed: int = 0,
+                    step: int = 0) -> tuple[float, dict[str, torch.Tensor]]:
+    """Non-pipelined reference (train.reference.accumulate): for m, (loss_fn(model(*x_m), y_m) / n).backward()
+    from micro-batch m's key state of step ``step``; returns (loss, grads by FQN)."""
     model.zero_grad(set_to_none=True)
-    total = 0.0
-    for xm, ym in zip(rows(inputs, n), rows(targets, n)):
-        loss = loss_fn(model(*(xm if isinstance(xm, tuple) else (xm,))), ym) / n
-        loss.backward()
-        total += float(loss.detach())
+    parts = [(xm if isinstance(xm, tuple) else (xm,), ym) for xm, ym in zip(rows(inputs, n), rows(targets, n))]
+    total = accumulate(model, parts, loss_fn, seed, step)
     return total, {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
 
 
@@ -57,17 +57,17 @@ _REFERENCES: dict[tuple, ReferenceRun] = {}
 
 
 def reference_run(model: nn.Module, loss_fn: LossFn, inputs: Rows, targets: Rows, n: int,
-                  steps: int) -> ReferenceRun:
-    """Reference passes over n micro-batches with ``steps`` SGD steps on a copy of ``model``; cached per model
-    and batch (it does not depend on the schedule)."""
-    key = (id(model), n, steps, *(t.data_ptr() for t in _leaves(inputs, targets)))
+                  steps: int, seed: int = 0) -> ReferenceRun:
+    """Reference passes over n micro-batches with ``steps`` SGD steps on a copy of ``model`` (step i keyed i);
+    cached per model, batch and seed (it does not depend on the schedule)."""
+    key = (id(model), n, steps, seed, *(t.data_ptr() for t in _leaves(inputs, targets)))
     if key not in _REFERENCES:
         ref = copy.deepcopy(model)
-        loss, grads = reference_grads(ref, inputs, targets, n, loss_fn)
+        loss, grads = reference_grads(ref, inputs, targets, n, loss_fn, seed, 0)
         opt = sgd(list(ref.parameters()))
         for i in range(steps):
             if i:
-                reference_grads(ref, inputs, targets, n, loss_fn)
+                reference_grads(ref, inputs, targets, n, loss_fn, seed, i)
             opt.step()
         _REFERENCES[key] = ReferenceRun(loss, grads, {k: p.detach().clone() for k, p in ref.named_parameters()})
     return _REFERENCES[key]
