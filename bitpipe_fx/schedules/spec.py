@@ -3,7 +3,8 @@
 ``interleaved:chunks=2`` names the schedule and its generator options; a value is typed by what the
 generator's parameter accepts (int, float, bool as true/false, None as none, else str). An unknown
 schedule, an unknown option or a value of the wrong type is a ScheduleError listing the valid ones, with
-the same text wherever the spec came from.
+the same text wherever the spec came from. ``auto[:memory_limit=12GiB]`` is a spec too: not a generator but
+the request to search every family (bitpipe_fx.autotune); its one option is the memory limit.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from bitpipe_fx.errors import ScheduleError
 from bitpipe_fx.schedules.registry import ANY, check_options, option_types, require_schedule, type_names
 
 OptionValue = int | float | bool | str | tuple[float, ...] | None
+AUTO = "auto"  # the spec that asks compile to search every family instead of naming one
+AUTO_OPTIONS = ("memory_limit",)
 
 
 @dataclass(frozen=True)
@@ -62,9 +65,14 @@ def _typed(name: str, key: str, text: str) -> OptionValue:
 
 
 def make_spec(name: str, options: Mapping[str, object] | None = None) -> ScheduleSpec:
-    """A ScheduleSpec from a registered name and Python option values, checked against the generator."""
-    require_schedule(name)
+    """A ScheduleSpec from a registered name (or ``auto``) and Python option values, checked against the generator."""
     opts = dict(options or {})
+    if name == AUTO:
+        for key in opts:
+            if key not in AUTO_OPTIONS:
+                raise ScheduleError(f"schedule 'auto' has no option {key!r}; its options are {', '.join(AUTO_OPTIONS)}")
+        return ScheduleSpec(AUTO, tuple(sorted((k, _hashable(v)) for k, v in opts.items())))
+    require_schedule(name)
     check_options(name, opts)
     return ScheduleSpec(name, tuple(sorted((k, _hashable(v)) for k, v in opts.items())))
 
@@ -79,14 +87,14 @@ def parse_spec(text: str) -> ScheduleSpec:
     if not isinstance(text, str):
         raise ScheduleError(f"a schedule is named by a string NAME[:key=value,...], got {text!r}")
     name, _, rest = text.strip().partition(":")
-    name = require_schedule(name.strip())
+    name = name.strip() if name.strip() == AUTO else require_schedule(name.strip())
     options: dict[str, OptionValue] = {}
     for item in filter(None, (t.strip() for t in rest.replace(":", ",").split(","))):
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or not key:
             raise ScheduleError(f"cannot read schedule option {item!r} in {text!r}; write NAME:key=value[,key=value]")
-        options[key] = _typed(name, key, value.strip())
+        options[key] = value.strip() if name == AUTO else _typed(name, key, value.strip())
     return make_spec(name, options)
 
 
@@ -116,4 +124,4 @@ def split_specs(text: str) -> list[str]:
     return specs
 
 
-__all__ = ["OptionValue", "ScheduleSpec", "make_spec", "parse_spec", "schedule_spec", "split_specs"]
+__all__ = ["AUTO", "OptionValue", "ScheduleSpec", "make_spec", "parse_spec", "schedule_spec", "split_specs"]
