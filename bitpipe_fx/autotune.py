@@ -12,7 +12,6 @@ Everything is deterministic, so every rank picks the same plan.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
@@ -22,31 +21,11 @@ from bitpipe_fx.plan import Plan
 from bitpipe_fx.planning import PartitionCache, base_plan, cut, with_costs
 from bitpipe_fx.ranking import Candidate, Search
 from bitpipe_fx.schedules.ir import Program
-from bitpipe_fx.schedules.spec import ScheduleSpec, parse_spec
+from bitpipe_fx.schedules.spec import ScheduleSpec, parse_bytes, parse_spec
 from bitpipe_fx.sim.engine import SimReport, simulate
 
 ORDER_OPTIONS = ("defer_w", "inflight")  # generator options that reorder actions but never change the placement
 STATE_COPIES = 4  # parameter + gradient + two optimizer-state tensors per parameter byte
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_bytes(value: float | int | str | None) -> float | None:
-    """A memory size: bytes as a number, or a string such as "12GiB", "1.5e9" or "800MB"; None = no limit."""
-    if value is None:
-        return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        size = float(value)
-    else:
-        match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", str(value))
-        unit = match.group(2).lower() if match else ""
-        try:
-            size = float(match.group(1)) * _UNITS[unit] if match else float("nan")
-        except (KeyError, ValueError):
-            size = float("nan")
-    if not size > 0:
-        raise ConfigError(f"memory_limit must be a positive size in bytes or a string like '12GiB', got {value!r}")
-    return size
 
 
 def candidate_specs(devices: int, microbatches: int) -> tuple[ScheduleSpec, ...]:

@@ -13,14 +13,15 @@ import re
 
 import pytest
 
-from bitpipe_fx.autotune import STATE_COPIES, autotune, parse_bytes, peak_memory
+import bitpipe_fx as bp
+from bitpipe_fx.autotune import STATE_COPIES, autotune, peak_memory
 from bitpipe_fx.compiler import build_plan
 from bitpipe_fx.errors import ConfigError, ScheduleError
 from bitpipe_fx.passes import capture, estimate_costs
 from bitpipe_fx.plan import Plan
 from bitpipe_fx.planning import costed_program, takes_costs
 from bitpipe_fx.schedules import SCHEDULES, generate, validate
-from bitpipe_fx.schedules.spec import make_spec, parse_spec
+from bitpipe_fx.schedules.spec import make_spec, parse_bytes, parse_spec
 from bitpipe_fx.sim import CostModel, simulate
 from tests.support.cases import contract_errors, model_case
 
@@ -163,3 +164,14 @@ def test_zbv_every_lag_is_valid_and_keeps_the_f_i_order(devices, microbatches):
                 return [a for a in p.actions(d) if a.kind in "FI"]
             assert f_i(program) == f_i(paper)
             assert sorted(map(str, program.actions(d))) == sorted(map(str, paper.actions(d)))
+
+
+def test_compile_accepts_schedule_auto_with_the_plan_it_chose():
+
+
+    case = gpt_case()
+    plan, _ = build_plan(case.model, case.example_inputs, "auto", 2, 4, memory_limit="1GiB")
+    pipe = bp.compile(case.model, case.example_inputs, case.loss_fn, schedule="auto", memory_limit="1GiB", plan=plan)
+    assert pipe.program == plan.program
+    with pytest.raises(ConfigError, match="conflicts with the plan's schedule"):
+        bp.compile(case.model, case.example_inputs, case.loss_fn, schedule="auto", memory_limit="2GiB", plan=plan)

@@ -9,15 +9,18 @@ the request to search every family (bitpipe_fx.autotune); its one option is the 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from bitpipe_fx.errors import ScheduleError
+from bitpipe_fx.errors import ConfigError, ScheduleError
 from bitpipe_fx.schedules.registry import ANY, check_options, option_types, require_schedule, type_names
 
 OptionValue = int | float | bool | str | tuple[float, ...] | None
 AUTO = "auto"  # the spec that asks compile to search every family instead of naming one
 AUTO_OPTIONS = ("memory_limit",)
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,24 @@ def schedule_spec(schedule: str | ScheduleSpec, options: Mapping[str, object] | 
     return make_spec(spec.name, merged)
 
 
+def parse_bytes(value: float | int | str | None) -> float | None:
+    """A memory size: bytes as a number, or a string such as "12GiB", "1.5e9" or "800MB"; None = no limit."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        size = float(value)
+    else:
+        match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", str(value))
+        unit = match.group(2).lower() if match else ""
+        try:
+            size = float(match.group(1)) * _UNITS[unit] if match else float("nan")
+        except (KeyError, ValueError):
+            size = float("nan")
+    if not size > 0:
+        raise ConfigError(f"memory_limit must be a positive size in bytes or a string like '12GiB', got {value!r}")
+    return size
+
+
 def split_specs(text: str) -> list[str]:
     """A comma-separated list of specs: ``"gpipe,interleaved:chunks=2,bitpipe"``; an item ``key=value``
     without a colon continues the spec before it (``"interleaved:chunks=2,x=1"`` is one spec)."""
@@ -124,4 +145,5 @@ def split_specs(text: str) -> list[str]:
     return specs
 
 
-__all__ = ["AUTO", "OptionValue", "ScheduleSpec", "make_spec", "parse_spec", "schedule_spec", "split_specs"]
+__all__ = ["AUTO", "OptionValue", "ScheduleSpec", "make_spec", "parse_bytes", "parse_spec", "schedule_spec",
+           "split_specs"]
