@@ -7,19 +7,22 @@ re-cuts a model at a saved plan's cut points, refusing a plan made for a differe
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
+from dataclasses import replace
 
 from torch import nn
 
+from bitpipe_fx.autotune import autotune
 from bitpipe_fx.errors import ConfigError
 from bitpipe_fx.matching import model_origin, origin_difference
-from bitpipe_fx.passes import capture, estimate_costs, partition, split
+from bitpipe_fx.passes import capture, estimate_costs, split
 from bitpipe_fx.passes.capture import normalize_inputs
 from bitpipe_fx.passes.cost import CostTable
 from bitpipe_fx.passes.profile import measure_stages
 from bitpipe_fx.passes.stages import Inputs, SplitModel
 from bitpipe_fx.plan import DEFAULT_FLOP_RATE, Plan
-from bitpipe_fx.schedules import generate
-from bitpipe_fx.schedules.spec import schedule_spec
+from bitpipe_fx.planning import base_plan, best_partition, check_network, cut, with_costs
+from bitpipe_fx.schedules.spec import AUTO, schedule_spec
 
 
 def graph_hash(costs: CostTable) -> str:
@@ -39,56 +42,54 @@ def build_plan(
     profile: bool = False,
     balance_tolerance: float = 0.02,
     leaf_modules: tuple[str | type[nn.Module], ...] = (),
+    network: Mapping[str, float] | None = None,
+    memory_limit: float | str | None = None,
     **schedule_options: object,
 ) -> tuple[Plan, SplitModel]:
-    """Capture, cost, partition and split ``model`` for ``schedule``; returns (Plan, SplitModel).
+    """Capture, cost, partition, schedule and split ``model`` for ``schedule``; returns (Plan, SplitModel).
 
     ``example_inputs``: one micro-batch, as a tensor, a tuple of positional args or a dict of keyword args.
-    ``microbatches`` defaults to 2 x devices. ``profile=True`` measures each stage's forward and backward
-    time, re-balances once with the measured times, and stores the measurements (not reproducible across
-    ranks: save the plan and load it everywhere). Extra keyword arguments go to the schedule generator.
+    ``microbatches`` defaults to 2 x devices. The program is generated with the partition's own cost model
+    (``network``: CostModel link fields such as ``p2p_bandwidth`` in bytes/s; default free links), and of the
+    partitions at ``balance_tolerance`` and 0 the one whose program simulates fastest is kept.
+    ``schedule="auto"`` searches every family and option (bitpipe_fx.autotune) under ``memory_limit``.
+    ``profile=True`` measures each stage's forward and backward time, re-balances once with the measured
+    times, regenerates the program with them and stores them (not reproducible across ranks: save the plan
+    and load it everywhere). Extra keyword arguments go to the schedule generator.
     """
     if flop_rate <= 0:
         raise ConfigError(f"flop_rate must be > 0 FLOP/s, got {flop_rate}")
     n = 2 * devices if microbatches is None else microbatches
     spec = schedule_spec(schedule, schedule_options)
-    program = generate(spec.name, devices, n, **spec.kwargs())
+    links = check_network(network)
     args, kwargs = normalize_inputs(example_inputs)
     captured = capture(model, args, kwargs, leaf_modules=leaf_modules)
     costs = estimate_costs(captured)
-    per_pipe = [program.pipe_of.count(p) for p in range(program.pipes)]
-    part = partition(costs, program.placement, pipe_microbatches=per_pipe, balance_tolerance=balance_tolerance)
-    stage_model = split(captured, part)
-    times: tuple[tuple[float, ...], tuple[float, ...]] | tuple[None, None] = (None, None)
+    fields_ = {"graph_hash": graph_hash(costs), "model": type(model).__name__, "flop_rate": float(flop_rate),
+               "origin": model_origin(model, example_inputs), "network": links}
+    if spec.name == AUTO:
+        limit = spec.kwargs().get("memory_limit", memory_limit)
+        plan = autotune(costs, devices, n, fields_, memory_limit=limit, balance_tolerance=balance_tolerance)
+    else:
+        if memory_limit is not None:
+            raise ConfigError(f"memory_limit={memory_limit!r} applies to schedule='auto' only; got schedule "
+                              f"{str(spec)!r}: use schedule='auto' or drop memory_limit")
+        base = base_plan(spec, devices, n, fields_)
+        plan = best_partition(base, costs, (balance_tolerance, 0.0))[0]
+    stage_model = split(captured, plan.cuts)
     if profile:
         fwd, bwd = measure_stages(stage_model, captured.example_inputs)
-        rows = costs.stages(part.cuts)
-        bounds = (0, *part.cuts, len(costs.nodes))
+        rows = costs.stages(plan.cuts)
+        bounds = (0, *plan.cuts, len(costs.nodes))
         weights = [
             node.flops * (fwd[k] + bwd[k]) / max(rows[k].flops, 1)
             for k in range(len(rows))
             for node in costs.nodes[bounds[k] : bounds[k + 1]]
         ]
-        part = partition(
-            costs, program.placement, pipe_microbatches=per_pipe, weights=weights, balance_tolerance=balance_tolerance
-        )
+        part = cut(costs, plan.program, balance_tolerance, weights=weights)
         stage_model = split(captured, part)
-        times = measure_stages(stage_model, captured.example_inputs)
-    plan = Plan(
-        schedule=spec.name,
-        devices=devices,
-        microbatches=n,
-        program=program,
-        cuts=part.cuts,
-        stages=costs.stages(part.cuts),
-        graph_hash=graph_hash(costs),
-        model=type(model).__name__,
-        flop_rate=float(flop_rate),
-        forward_times=times[0],
-        backward_times=times[1],
-        schedule_options=spec.kwargs(),
-        origin=model_origin(model, example_inputs),
-    )
+        fwd, bwd = measure_stages(stage_model, captured.example_inputs)
+        plan = with_costs(replace(plan, forward_times=fwd, backward_times=bwd), costs, part)
     return plan, stage_model
 
 

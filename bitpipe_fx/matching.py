@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from bitpipe_fx.errors import ConfigError
-from bitpipe_fx.schedules.spec import ScheduleSpec, schedule_spec
+from bitpipe_fx.schedules.spec import AUTO, ScheduleSpec, parse_bytes, schedule_spec
 
 if TYPE_CHECKING:  # plan.py imports this module
     from bitpipe_fx.plan import Plan
@@ -71,7 +71,7 @@ def compile_settings(
     planned = _planned_spec(plan)
     if schedule is not None or options:
         given = schedule_spec(planned.name if schedule is None else schedule, options)
-        if given != planned:
+        if given != planned and not _auto_chose(given, plan):
             raise ConfigError(f"schedule {str(given)!r} conflicts with the plan's schedule {str(planned)!r}; "
                               "drop the schedule argument or pass a plan made for it")
     for name, value in (("devices", devices), ("microbatches", microbatches)):
@@ -80,6 +80,13 @@ def compile_settings(
             raise ConfigError(f"{name}={value!r} conflicts with the plan's {name}={want}; drop {name}= or pass a "
                               f"plan made for {name}={value}")
     return planned, plan.devices, plan.microbatches
+
+
+def _auto_chose(given: ScheduleSpec, plan: Plan) -> bool:
+    """Whether ``plan`` is what ``given`` = auto[:memory_limit=...] searched for (the same limit)."""
+    if given.name != AUTO or plan.search is None:
+        return False
+    return parse_bytes(given.kwargs().get("memory_limit")) == plan.search.memory_limit
 
 
 def _scalars(values: Mapping[str, object]) -> dict[str, Scalar]:

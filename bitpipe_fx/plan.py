@@ -19,11 +19,13 @@ from pathlib import Path
 from bitpipe_fx.errors import ConfigError
 from bitpipe_fx.matching import Origin
 from bitpipe_fx.passes.cost import StageCost
+from bitpipe_fx.ranking import Search
 from bitpipe_fx.schedules.ir import Program
 from bitpipe_fx.sim.cost import CostModel, PerStage
 from bitpipe_fx.sim.engine import simulate
 
 DEFAULT_FLOP_RATE = 1e12
+NETWORK_FIELDS = ("p2p_latency", "p2p_bandwidth", "allreduce_latency", "allreduce_bandwidth")  # of CostModel
 ScheduleOptions = dict[str, object]  # keyword arguments of the schedule generator, passed through as given
 
 
@@ -45,6 +47,9 @@ class Plan:
     backward_times: tuple[float, ...] | None = None
     schedule_options: ScheduleOptions = field(default_factory=dict)
     origin: Origin = field(default_factory=Origin)  # the model it was made for: a mismatch names what differs
+    network: dict[str, float] = field(default_factory=dict)  # CostModel link fields (seconds, bytes/s); {} = free
+    costed: bool = False  # the program was generated with costs=cost_model() (planning.costed_program)
+    search: Search | None = None  # the ranking of a schedule="auto" search that chose this plan
 
     # ---- derived quantities --------------------------------------------------------------------
 
@@ -86,12 +91,13 @@ class Plan:
         return max(loads) / mean if mean else 1.0
 
     def cost_model(self, **overrides: PerStage) -> CostModel:
-        """The simulator's CostModel for this plan (communication parameters via ``overrides``)."""
+        """The simulator's CostModel for this plan: its stage costs and ``network``, then ``overrides``."""
         fields_ = {
             "forward": self.forward,
             "backward": self.backward,
             "activation_bytes": tuple(float(s.bytes_sent) for s in self.stages),
             "param_bytes": tuple(float(s.param_bytes) for s in self.stages),
+            **self.network,
         }
         return CostModel(**(fields_ | overrides))
 
@@ -127,12 +133,16 @@ class Plan:
         spread = max(loads) / min(loads) if min(loads) else float("inf")
         lines += ["", f"balance: max/mean device load = {self.balance:.4f}, max/min = {spread:.4f}"]
         lines += self._simulated()
+        if self.search is not None:
+            lines += ["", *self.search.table()]
         return "\n".join(lines)
 
     def _simulated(self) -> list[str]:
         report = simulate(self.program, self.cost_model())
+        links = "with the plan's link costs" if self.network else "no communication cost"
+        generated = "program generated with these costs" if self.costed else "program generated with unit costs"
         return [
-            f"simulated step (no communication cost): makespan {report.makespan:.4g} s, "
+            f"simulated step ({links}; {generated}): makespan {report.makespan:.4g} s, "
             f"bubble {100 * report.bubble_ratio:.1f}% of the makespan"
         ]
 
@@ -142,8 +152,9 @@ class Plan:
     # ---- JSON ----------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, object]:
-        data = {k: v for k, v in asdict(self).items() if k not in ("program", "stages", "origin")}
+        data = {k: v for k, v in asdict(self).items() if k not in ("program", "stages", "origin", "search")}
         data["origin"] = self.origin.to_dict()
+        data["search"] = None if self.search is None else self.search.to_dict()
         data["program"] = self.program.to_dict()
         data["stages"] = [asdict(s) for s in self.stages]
         return data
@@ -166,6 +177,9 @@ class Plan:
                 backward_times=_floats(data.get("backward_times")),
                 schedule_options=dict(data.get("schedule_options") or {}),
                 origin=Origin.from_dict(data.get("origin")),
+                network={str(k): float(v) for k, v in dict(data.get("network") or {}).items()},
+                costed=bool(data.get("costed", False)),
+                search=None if data.get("search") is None else Search.from_dict(data["search"]),
             )
         except (KeyError, TypeError) as exc:
             raise ConfigError(

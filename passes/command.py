@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bitpipe_fx.errors import ConfigError
-from bitpipe_fx.schedules.spec import parse_spec
+from bitpipe_fx.schedules.spec import parse_spec, schedule_spec
 
 
 def add_parser(subparsers: Any, name: str, help: str) -> argparse.ArgumentParser:
@@ -25,7 +25,8 @@ def add_parser(subparsers: Any, name: str, help: str) -> argparse.ArgumentParser
     parser = subparsers.add_parser(name, help=help, description=f"{help}.\n\n{__doc__}")
     parser.add_argument("target", metavar="MODULE:FACTORY", help="factory returning (model, example_inputs)")
     parser.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE", help="factory keyword argument")
-    parser.add_argument("--schedule", default="bitpipe", help="schedule spec NAME[:key=value,...]")
+    parser.add_argument("--schedule", default="bitpipe", help="schedule spec NAME[:key=value,...], or auto")
+    parser.add_argument("--memory-limit", default=None, help="with --schedule auto: peak bytes per device (12GiB)")
     parser.add_argument("--devices", "-d", type=int, default=4, help="pipeline devices D")
     parser.add_argument("--microbatches", "-n", type=int, default=None, help="micro-batches N (default: 2*D)")
     parser.add_argument("--flop-rate", type=float, default=1e12, help="assumed FLOP/s for times")
@@ -40,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
     from bitpipe_fx.compiler import build_plan
 
     spec = parse_spec(args.schedule)  # before the model is built: a typo costs nothing
+    if args.memory_limit is not None:
+        spec = schedule_spec(spec, {"memory_limit": args.memory_limit})
     kwargs = parse_kwargs(args.arg)
     model, example_inputs = load_factory(args.target, kwargs)
     plan, _ = build_plan(

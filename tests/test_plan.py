@@ -24,7 +24,9 @@ def bitpipe_plan():
 
 def test_plan_holds_the_schedules_program_and_one_row_per_stage(bitpipe_plan):
     model, _example, plan, sm = bitpipe_plan
-    assert plan.program == generate("bitpipe", 4, 8)
+    # generated with the plan's own costs: bitpipe's placement and pipe map, its order from those costs
+    assert plan.costed and plan.program == generate("bitpipe", 4, 8, costs=plan.cost_model())
+    assert plan.program.placement == generate("bitpipe", 4, 8).placement
     assert plan.num_stages == 8 == sm.num_stages == len(plan.cuts) + 1
     assert plan.model == "GPT"
     # the rows describe the stages that were built

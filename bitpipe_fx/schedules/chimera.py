@@ -5,16 +5,20 @@ is a 1F1B-style list schedule under the given costs; each pipe keeps at most D/2
 flight (the next enters when the one D/2 or D before it on that pipe has left stage 0: Chimera's
 concatenation of basic units when N > D). The generator tries backward-first and earliest-ready-first
 policies, each breaking ties by deepest stage or oldest micro-batch, at both window sizes, and keeps the
-fastest. With F = B this gives Chimera's bubble (D-2)/(2N+D-2); forward doubling is not modelled.
+fastest (under ``costs=``, the plan's CostModel: its per-stage times order the actions and the simulator,
+with message and all-reduce costs, picks the candidate). With F = B this gives Chimera's bubble
+(D-2)/(2N+D-2); forward doubling is not modelled.
 """
 
 from __future__ import annotations
 
 from bitpipe_fx.errors import ScheduleError
-from bitpipe_fx.schedules.build import assemble, require_even_devices
+from bitpipe_fx.schedules.build import require_even_devices
+from bitpipe_fx.schedules.costed import fastest, unit_variants
 from bitpipe_fx.schedules.ir import Action, Program, chimera_placement
-from bitpipe_fx.schedules.listsched import Admit, State, UnitCosts, list_schedule, makespan
+from bitpipe_fx.schedules.listsched import Admit, State, list_schedule
 from bitpipe_fx.schedules.registry import register
+from bitpipe_fx.sim.cost import CostModel
 
 POLICIES = (
     lambda a, ready: (a.kind != "B", -a.stage, ready, a.microbatch),  # backward first, deepest stage
@@ -36,8 +40,10 @@ def _window(half: int, lag: int) -> Admit:
 
 
 @register("chimera")
-def chimera(devices: int, microbatches: int, forward: float = 1.0, backward: float = 2.0) -> Program:
-    """Chimera's bidirectional order for even D and N, tuned for the costs of one F and one B."""
+def chimera(
+    devices: int, microbatches: int, forward: float = 1.0, backward: float = 2.0, costs: CostModel | None = None
+) -> Program:
+    """Chimera's bidirectional order for even D and N, tuned for the costs of one F and one B (or ``costs``)."""
     require_even_devices("chimera", devices)
     if microbatches % 2:
         raise ScheduleError(
@@ -47,11 +53,11 @@ def chimera(devices: int, microbatches: int, forward: float = 1.0, backward: flo
     half = microbatches // 2
     pipe_of = [0] * half + [1] * half
     place = chimera_placement(devices)
-    costs = UnitCosts(forward, backward)
+    units = unit_variants(costs, forward, backward)
     candidates = [
-        [[t.action for t in dev] for dev in list_schedule(place, pipe_of, policy, costs, admit=_window(half, lag))]
+        [[t.action for t in dev] for dev in list_schedule(place, pipe_of, policy, unit, admit=_window(half, lag))]
+        for unit in units
         for lag in (devices // 2, devices)
         for policy in POLICIES
     ]
-    best = min(candidates, key=lambda orders: makespan(place, orders, costs))  # first of the fastest
-    return assemble("chimera", place, pipe_of, best)
+    return fastest("chimera", place, pipe_of, candidates, costs, units[0])

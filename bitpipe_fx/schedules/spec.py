@@ -3,18 +3,24 @@
 ``interleaved:chunks=2`` names the schedule and its generator options; a value is typed by what the
 generator's parameter accepts (int, float, bool as true/false, None as none, else str). An unknown
 schedule, an unknown option or a value of the wrong type is a ScheduleError listing the valid ones, with
-the same text wherever the spec came from.
+the same text wherever the spec came from. ``auto[:memory_limit=12GiB]`` is a spec too: not a generator but
+the request to search every family (bitpipe_fx.autotune); its one option is the memory limit.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from bitpipe_fx.errors import ScheduleError
+from bitpipe_fx.errors import ConfigError, ScheduleError
 from bitpipe_fx.schedules.registry import ANY, check_options, option_types, require_schedule, type_names
 
 OptionValue = int | float | bool | str | tuple[float, ...] | None
+AUTO = "auto"  # the spec that asks compile to search every family instead of naming one
+AUTO_OPTIONS = ("memory_limit",)
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 @dataclass(frozen=True)
@@ -62,9 +68,14 @@ def _typed(name: str, key: str, text: str) -> OptionValue:
 
 
 def make_spec(name: str, options: Mapping[str, object] | None = None) -> ScheduleSpec:
-    """A ScheduleSpec from a registered name and Python option values, checked against the generator."""
-    require_schedule(name)
+    """A ScheduleSpec from a registered name (or ``auto``) and Python option values, checked against the generator."""
     opts = dict(options or {})
+    if name == AUTO:
+        for key in opts:
+            if key not in AUTO_OPTIONS:
+                raise ScheduleError(f"schedule 'auto' has no option {key!r}; its options are {', '.join(AUTO_OPTIONS)}")
+        return ScheduleSpec(AUTO, tuple(sorted((k, _hashable(v)) for k, v in opts.items())))
+    require_schedule(name)
     check_options(name, opts)
     return ScheduleSpec(name, tuple(sorted((k, _hashable(v)) for k, v in opts.items())))
 
@@ -79,14 +90,14 @@ def parse_spec(text: str) -> ScheduleSpec:
     if not isinstance(text, str):
         raise ScheduleError(f"a schedule is named by a string NAME[:key=value,...], got {text!r}")
     name, _, rest = text.strip().partition(":")
-    name = require_schedule(name.strip())
+    name = name.strip() if name.strip() == AUTO else require_schedule(name.strip())
     options: dict[str, OptionValue] = {}
     for item in filter(None, (t.strip() for t in rest.replace(":", ",").split(","))):
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or not key:
             raise ScheduleError(f"cannot read schedule option {item!r} in {text!r}; write NAME:key=value[,key=value]")
-        options[key] = _typed(name, key, value.strip())
+        options[key] = value.strip() if name == AUTO else _typed(name, key, value.strip())
     return make_spec(name, options)
 
 
@@ -104,6 +115,24 @@ def schedule_spec(schedule: str | ScheduleSpec, options: Mapping[str, object] | 
     return make_spec(spec.name, merged)
 
 
+def parse_bytes(value: float | int | str | None) -> float | None:
+    """A memory size: bytes as a number, or a string such as "12GiB", "1.5e9" or "800MB"; None = no limit."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        size = float(value)
+    else:
+        match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", str(value))
+        unit = match.group(2).lower() if match else ""
+        try:
+            size = float(match.group(1)) * _UNITS[unit] if match else float("nan")
+        except (KeyError, ValueError):
+            size = float("nan")
+    if not size > 0:
+        raise ConfigError(f"memory_limit must be a positive size in bytes or a string like '12GiB', got {value!r}")
+    return size
+
+
 def split_specs(text: str) -> list[str]:
     """A comma-separated list of specs: ``"gpipe,interleaved:chunks=2,bitpipe"``; an item ``key=value``
     without a colon continues the spec before it (``"interleaved:chunks=2,x=1"`` is one spec)."""
@@ -116,4 +145,5 @@ def split_specs(text: str) -> list[str]:
     return specs
 
 
-__all__ = ["OptionValue", "ScheduleSpec", "make_spec", "parse_spec", "schedule_spec", "split_specs"]
+__all__ = ["AUTO", "OptionValue", "ScheduleSpec", "make_spec", "parse_bytes", "parse_spec", "schedule_spec",
+           "split_specs"]

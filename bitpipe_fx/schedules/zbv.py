@@ -1,17 +1,26 @@
 """ZB-V (Qi et al., "Zero Bubble Pipeline Parallelism", 2024): V placement, backward split into I and W.
 
-Device d holds chunk 0 = stage d and chunk 1 = stage 2D-1-d. Its order has the paper's phases: a warm-up of
-2(D-d)-1 chunk-0 forwards, then d pairs (F1, F0); the first backwards at the turn, D-d triples (F1, I1, W1);
-the steady state, 1F1B on both chunks with each W right after its I, (F0, I0, W0, F1, I1, W1) until every
-forward ran; a cool-down of d pairs (I0, I1) and D-d pairs (I0, W0), deferring the W's it cannot fit; then
-the deferred W's. Actions past the last micro-batch are skipped, so any N works.
+Device d holds chunk 0 = stage d and chunk 1 = stage 2D-1-d. Its order has the paper's phases: 2(D-d)-1
+chunk-0 forwards; d pairs (F1, F0); D-d triples (F1, I1, W1); the steady state (F0, I0, W0, F1, I1, W1)
+until every forward ran; a cool-down of d pairs (I0, I1) and D-d pairs (I0, W0); then the deferred W's.
+Actions past the last micro-batch are skipped, so any N works.
+
+``defer_w=k`` holds up to k weight gradients back behind later F and I work on that device (each W only
+needs its own I, so any lag is valid and the F/I order is unchanged); None tries 0, 1, 2, D/2 and D under
+``costs`` (the plan's CostModel) and keeps the fastest in the simulator (the smallest lag on a tie), and is
+0, the paper's order, without costs.
 """
 
 from __future__ import annotations
 
-from bitpipe_fx.schedules.build import DeviceOrder, assemble
+from collections import deque
+
+from bitpipe_fx.errors import ScheduleError
+from bitpipe_fx.schedules.build import DeviceOrder
+from bitpipe_fx.schedules.costed import fastest, unit_costs
 from bitpipe_fx.schedules.ir import Action, Program, v_placement
 from bitpipe_fx.schedules.registry import register
+from bitpipe_fx.sim.cost import CostModel
 
 
 def _device_order(devices: int, microbatches: int, d: int) -> list[Action]:
@@ -30,7 +39,27 @@ def _device_order(devices: int, microbatches: int, d: int) -> list[Action]:
 
 
 @register("zbv")
-def zbv(devices: int, microbatches: int) -> Program:
-    """The ZB-V order for D devices and N micro-batches."""
-    per_device = [_device_order(devices, microbatches, d) for d in range(devices)]
-    return assemble("zbv", v_placement(devices), [0] * microbatches, per_device)
+def zbv(devices: int, microbatches: int, defer_w: int | None = None, costs: CostModel | None = None) -> Program:
+    """The ZB-V order for D devices and N micro-batches, W held back by ``defer_w`` (None: chosen by ``costs``)."""
+    if defer_w is not None and (not isinstance(defer_w, int) or defer_w < 0):
+        raise ScheduleError(f"zbv defer_w must be a non-negative integer (W's held back) or None, got {defer_w!r}")
+    place = v_placement(devices)
+    pipe_of = [0] * microbatches
+    lags = (defer_w,) if defer_w is not None else (0,) if costs is None else sorted({0, 1, 2, devices // 2, devices})
+    published = [_device_order(devices, microbatches, d) for d in range(devices)]
+    candidates = [[_held_back(acts, lag) for acts in published] for lag in lags]
+    return fastest("zbv", place, pipe_of, candidates, costs, unit_costs(costs))
+
+
+def _held_back(actions: list[Action], lag: int) -> list[Action]:
+    """``actions`` with each W emitted only once more than ``lag`` W's wait behind it (F/I order unchanged)."""
+    out: list[Action] = []
+    held: deque[Action] = deque()
+    for a in actions:
+        if a.kind != "W":
+            out.append(a)
+            continue
+        held.append(a)
+        while len(held) > lag:
+            out.append(held.popleft())
+    return out + list(held)

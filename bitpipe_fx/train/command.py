@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bitpipe_fx.errors import ConfigError
-from bitpipe_fx.schedules.spec import ScheduleSpec, parse_spec
+from bitpipe_fx.schedules.spec import ScheduleSpec, parse_spec, schedule_spec
 from bitpipe_fx.train.job import DTYPES, OPTIMIZERS, TrainConfig, check, factory_target
 from bitpipe_fx.train.rundir import check_out, clear_run
 
@@ -53,7 +53,8 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> 
                    help="model factory keyword argument (repeatable), e.g. --arg layers=12 --arg dim=256")
     p.add_argument("--task", default=None, help="lm (causal) or mlm (masked); default: from the model's inputs")
     p.add_argument("--schedule", default=d.schedule,
-                   help="schedule spec NAME[:key=value,...], e.g. interleaved:chunks=2")
+                   help="schedule spec NAME[:key=value,...], e.g. interleaved:chunks=2, or auto")
+    p.add_argument("--memory-limit", default=None, help="with --schedule auto: peak bytes per device (12GiB)")
     p.add_argument("--devices", "-d", type=int, default=d.devices, help="pipeline devices D")
     p.add_argument("--microbatches", "-n", type=int, default=d.microbatches, help="micro-batches N")
     p.add_argument("--data-parallel", type=int, default=d.data_parallel, help="pipeline replicas")
@@ -98,6 +99,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     from bitpipe_fx.passes.command import parse_kwargs
 
     spec = parse_spec(args.schedule)
+    if args.memory_limit is not None:
+        spec = schedule_spec(spec, {"memory_limit": args.memory_limit})
     return TrainConfig(
         model=args.model, model_args=tuple(sorted(parse_kwargs(args.arg).items())), task=args.task,
         schedule=spec.name, schedule_options=spec.options, devices=args.devices,

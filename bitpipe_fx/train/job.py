@@ -98,6 +98,7 @@ def _positive(name: str, value: Any, flag: str) -> None:
 def check(cfg: TrainConfig) -> None:
     """Refuse settings that cannot work, naming the value and the fix; pure Python, no torch."""
     from bitpipe_fx.schedules import generate
+    from bitpipe_fx.schedules.spec import AUTO
 
     for name, flag in (("devices", "--devices"), ("microbatches", "--microbatches"), ("steps", "--steps"),
                        ("data_parallel", "--data-parallel"), ("eval_batches", "--eval-batches"),
@@ -123,7 +124,8 @@ def check(cfg: TrainConfig) -> None:
     if cfg.local and cfg.data_parallel != 1:
         raise ConfigError("--local runs every device in one process and cannot do data parallelism; "
                           "drop --local or use --data-parallel 1")
-    generate(cfg.schedule, cfg.devices, cfg.microbatches, **dict(cfg.schedule_options))  # ScheduleError if not
+    if cfg.schedule != AUTO:  # auto is checked by its search, which refuses when no family runs
+        generate(cfg.schedule, cfg.devices, cfg.microbatches, **dict(cfg.schedule_options))  # ScheduleError if not
     for name, flag in (("batch_size", "--batch-size"), ("seq_len", "--seq-len")):
         value = getattr(cfg, name)
         if value is not None:

@@ -1,0 +1,129 @@
+"""``schedule="auto"``: candidates (every family x its options x partition), ranked by the simulator, and the
+choice under an optional memory limit.
+
+One capture and one cost table serve every candidate; layouts are built once per family and partitions once
+per placement. A candidate whose slowest device's compute alone already exceeds the best predicted step of a
+fitting candidate is pruned without being generated. Peak memory per device, as counted here:
+``STATE_COPIES`` x the parameter bytes the device holds (parameter, gradient and two optimizer-state
+tensors, as Schedule-Free AdamW keeps) + the most stored activation bytes alive at once in the simulated
+step (each stage's ``activation_bytes`` per micro-batch, held from its F to the B or W that frees it).
+Everything is deterministic, so every rank picks the same plan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+
+from bitpipe_fx.errors import BitPipeError, ConfigError
+from bitpipe_fx.passes.cost import CostTable
+from bitpipe_fx.plan import Plan
+from bitpipe_fx.planning import PartitionCache, base_plan, cut, with_costs
+from bitpipe_fx.ranking import Candidate, Search
+from bitpipe_fx.schedules.ir import Program
+from bitpipe_fx.schedules.spec import ScheduleSpec, parse_bytes, parse_spec
+from bitpipe_fx.sim.engine import SimReport, simulate
+
+ORDER_OPTIONS = ("defer_w", "inflight")  # generator options that reorder actions but never change the placement
+STATE_COPIES = 4  # parameter + gradient + two optimizer-state tensors per parameter byte
+
+
+def candidate_specs(devices: int, microbatches: int) -> tuple[ScheduleSpec, ...]:
+    """Every family with the options worth searching, in a fixed order (earlier wins a tie)."""
+    texts = ["bitpipe:defer_w=true,inflight=1", "bitpipe:defer_w=true,inflight=2", "bitpipe:defer_w=false",
+             "bitpipe-paper", "zbv", "zbv:defer_w=0", "dualpipev", "chimera", "1f1b", "gpipe",
+             *(f"interleaved:chunks={v}" for v in (2, 4))]
+    return tuple(parse_spec(t) for t in texts)
+
+
+def peak_memory(plan: Plan, report: SimReport) -> tuple[float, ...]:
+    """Predicted peak bytes per device: weights and optimizer state plus the most stored activations alive."""
+    stored = [float(s.activation_bytes) for s in plan.stages]
+    held = [0.0] * plan.devices
+    peak = [0.0] * plan.devices
+    for e in report.events:  # sorted by device, then start
+        if e.kind == "F":
+            held[e.device] += stored[e.stage]
+            peak[e.device] = max(peak[e.device], held[e.device])
+        elif e.kind in ("B", "W"):
+            held[e.device] -= stored[e.stage]
+    return tuple(STATE_COPIES * report.weight_bytes(d) + peak[d] for d in range(plan.devices))
+
+
+def _bound(plan: Plan) -> float:
+    """A lower bound on the step: the slowest device's compute alone."""
+    return max(plan.device_loads(), default=0.0)
+
+
+def autotune(
+    costs: CostTable, devices: int, microbatches: int, fields: Mapping[str, object], *,
+    memory_limit: float | str | None = None, balance_tolerance: float = 0.02,
+    specs: Sequence[ScheduleSpec] | None = None,
+) -> Plan:
+    """The fastest candidate's plan (its ``search`` holds the ranking); ConfigError when none fits the limit."""
+    limit = parse_bytes(memory_limit)
+    layouts: dict[str, Program] = {}
+    cache: PartitionCache = {}
+    rows: list[tuple[Candidate, int, Plan | None]] = []
+    best = float("inf")
+    for index, spec in enumerate(specs or candidate_specs(devices, microbatches)):
+        shape = replace(spec, options=tuple(o for o in spec.options if o[0] not in ORDER_OPTIONS))
+        try:
+            if shape not in layouts:
+                layouts[shape] = base_plan(shape, devices, microbatches, fields).program
+            base = replace(_skeleton(layouts[shape], fields), schedule=spec.name, schedule_options=spec.kwargs())
+            part = cut(costs, base.program, balance_tolerance, cache)
+        except BitPipeError:
+            continue  # this family cannot run at this D and N, or has more stages than the graph has nodes
+        bound_plan = replace(base, cuts=part.cuts, stages=costs.stages(part.cuts))
+        if _bound(bound_plan) > best:
+            rows.append((Candidate(str(spec), _bound(bound_plan), 0.0, (), "pruned"), index, None))
+            continue
+        plan = with_costs(base, costs, part)
+        report = simulate(plan.program, plan.cost_model())
+        peaks = peak_memory(plan, report)
+        fits = limit is None or max(peaks) <= limit
+        if fits:
+            best = min(best, report.makespan)
+        status = "ok" if fits else "over memory"
+        rows.append((Candidate(str(spec), report.makespan, report.bubble_ratio, peaks, status), index, plan))
+    return _choose(rows, limit)
+
+
+def _skeleton(layout: Program, fields: Mapping[str, object]) -> Plan:
+    """A plan around a family's layout program, not yet partitioned."""
+    return Plan(schedule=layout.name, devices=layout.devices, microbatches=layout.microbatches, program=layout,
+                cuts=(), stages=(), **fields)  # type: ignore[arg-type]
+
+
+def _choose(rows: list[tuple[Candidate, int, Plan | None]], limit: float | None) -> Plan:
+    """Rank (fitting by step, then over-memory by peak, then pruned) and return the winner with the record."""
+    order = {"ok": 0, "over memory": 1, "pruned": 2}
+    rows.sort(key=lambda r: (order[r[0].status], r[0].peak if r[0].status == "over memory" else r[0].makespan,
+                             r[0].makespan, r[0].peak, r[1]))
+    ranked = tuple(r[0] for r in rows)
+    if not ranked:
+        raise ConfigError("schedule='auto' found no schedule family that runs at these devices and micro-batches; "
+                          "use an even number of devices and a multiple of devices as micro-batches")
+    if ranked[0].status != "ok":
+        simulated = [c for c in ranked if c.status == "over memory"]
+        smallest = min(simulated, key=lambda c: c.peak)
+        raise ConfigError(
+            f"no schedule fits memory_limit={limit:.6g} bytes: the smallest predicted peak is {smallest.peak:.6g} "
+            f"bytes ({smallest.spec}); raise the limit, use more devices or fewer micro-batches in flight"
+        )
+    win = ranked[0]
+    reason = f"{win.spec} wins with the shortest predicted step ({win.makespan:.4g} s)"
+    others = [c for c in ranked[1:] if c.status == "ok"]
+    if others:
+        reason += f", {100 * (others[0].makespan / win.makespan - 1):.1f}% ahead of {others[0].spec}"
+    over = [c for c in ranked if c.status == "over memory"]
+    if over:
+        fastest = min(over, key=lambda c: c.makespan)
+        reason += (f"; {len(over)} exceed the limit (the fastest of those, {fastest.spec} at {fastest.makespan:.4g}"
+                   f" s, peaks at {fastest.peak:.4g} B)")
+    pruned = sum(c.status == "pruned" for c in ranked)
+    if pruned:
+        reason += f"; {pruned} pruned (their slowest device's compute alone exceeds a fitting candidate's step)"
+    plan = rows[0][2]
+    return replace(plan, search=Search(ranked, limit, reason))  # type: ignore[arg-type]
