@@ -20,17 +20,12 @@ from bitpipe_fx.passes.partition import Partition
 from bitpipe_fx.plan import NETWORK_FIELDS, Plan
 from bitpipe_fx.schedules import generate
 from bitpipe_fx.schedules.ir import Program
-from bitpipe_fx.schedules.registry import option_types
+from bitpipe_fx.schedules.registry import takes_costs
 from bitpipe_fx.schedules.spec import ScheduleSpec
 from bitpipe_fx.sim.cost import CostModel
 from bitpipe_fx.sim.engine import SimReport, simulate
 
 PartitionCache = dict[tuple[object, tuple[int, ...], float], Partition]
-
-
-def takes_costs(name: str) -> bool:
-    """Whether schedule ``name``'s generator orders with a CostModel (``costs=``)."""
-    return "costs" in option_types(name)
 
 
 def check_network(network: Mapping[str, float] | None) -> dict[str, float]:
@@ -57,8 +52,8 @@ def layout(spec: ScheduleSpec, devices: int, microbatches: int) -> Program:
 
 def costed_program(plan: Plan) -> Program:
     """The program of ``plan``'s schedule generated with the plan's cost model (the layout if it takes none)."""
-    extra = {"costs": plan.cost_model()} if plan.costed else {}
-    return generate(plan.schedule, plan.devices, plan.microbatches, **plan.schedule_options, **extra)
+    costs = plan.cost_model() if plan.costed else None
+    return generate(plan.schedule, plan.devices, plan.microbatches, costs, **plan.schedule_options)
 
 
 def cut(

@@ -19,8 +19,9 @@ from bitpipe_fx.compiler import build_plan
 from bitpipe_fx.errors import ConfigError, ScheduleError
 from bitpipe_fx.passes import capture, estimate_costs
 from bitpipe_fx.plan import Plan
-from bitpipe_fx.planning import costed_program, takes_costs
+from bitpipe_fx.planning import costed_program
 from bitpipe_fx.schedules import SCHEDULES, generate, validate
+from bitpipe_fx.schedules.registry import takes_costs
 from bitpipe_fx.schedules.spec import make_spec, parse_bytes, parse_spec
 from bitpipe_fx.sim import CostModel, simulate
 from tests.support.cases import contract_errors, model_case

@@ -28,6 +28,7 @@ def test_values_are_typed_as_the_generator_declares():
     ("1f1b:chunks=2", "schedule '1f1b' has no option 'chunks'; it takes no options"),
     ("chimera:chunks=x", "schedule 'chimera' has no option 'chunks'; its options are forward (float), "
                          "backward (float)"),
+    ("zbv:costs=1", "schedule 'zbv' has no option 'costs'; its options are defer_w (int or None)"),
     ("interleaved:chunks", "cannot read schedule option 'chunks' in 'interleaved:chunks'; write "
                            "NAME:key=value[,key=value]"),
     ("", "unknown schedule ''; choose one of " + ", ".join(sorted(SCHEDULES))),

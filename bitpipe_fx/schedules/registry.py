@@ -44,9 +44,17 @@ def _flatten(hint: object) -> tuple[type, ...]:
     return (hint,) if isinstance(hint, type) else (ANY,)
 
 
+COSTS = "costs"  # the plan's CostModel: passed by the planner (generate(costs=)), never a user option
+
+
+def takes_costs(name: str) -> bool:
+    """Whether schedule ``name``'s generator orders with a CostModel (``costs=``)."""
+    return COSTS in inspect.signature(SCHEDULES[require_schedule(name)]).parameters
+
+
 def option_types(name: str) -> dict[str, tuple[type, ...]]:
     """The options schedule ``name`` accepts, each with its accepted types; ``{"**": (object,)}`` when it
-    takes any keyword."""
+    takes any keyword. ``costs`` is not among them: only the planner passes it."""
     fn = SCHEDULES[require_schedule(name)]
     try:
         hints = typing.get_type_hints(fn)
@@ -54,6 +62,8 @@ def option_types(name: str) -> dict[str, tuple[type, ...]]:
         hints = {}
     out: dict[str, tuple[type, ...]] = {}
     for param in list(inspect.signature(fn).parameters.values())[2:]:
+        if param.name == COSTS:
+            continue
         if param.kind is param.VAR_KEYWORD:
             out["**"] = (ANY,)
         elif param.kind is not param.VAR_POSITIONAL:
@@ -102,11 +112,14 @@ def check_options(name: str, options: Mapping[str, object]) -> None:
             )
 
 
-def generate(name: str, devices: int, microbatches: int, **options) -> Program:
-    """Build the program of schedule ``name`` for D devices and N micro-batches."""
+def generate(name: str, devices: int, microbatches: int, costs: object = None, **options) -> Program:
+    """Build the program of schedule ``name`` for D devices and N micro-batches (ordered under ``costs``, the
+    plan's CostModel, when its generator takes one)."""
     check_options(name, options)
     if not isinstance(devices, int) or devices < 1:
         raise ScheduleError(f"devices must be a positive integer, got {devices!r}")
     if not isinstance(microbatches, int) or microbatches < 1:
         raise ScheduleError(f"microbatches must be a positive integer, got {microbatches!r}")
+    if costs is not None and takes_costs(name):
+        options = {**options, COSTS: costs}
     return SCHEDULES[name](devices, microbatches, **options)
