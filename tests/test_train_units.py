@@ -175,3 +175,15 @@ def test_prediction_is_scaled_to_the_measured_compute(tmp_path):
 def test_loss_plot_is_a_png(tmp_path):
     path = plot_losses(tmp_path / "loss.png", [5.0, 4.0, 3.5, 3.0], [(2, 4.1), (4, 3.2)], "tiny")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_more_cpu_processes_than_cores_is_explained_and_the_demo_says_why_it_keeps_d():
+    from bitpipe_fx.train.command import cores_note
+
+    demo = cores_note(4, 4, 2, "gloo", "demo")
+    assert demo is not None and "4 processes on 2 CPU cores take turns" in demo
+    assert "the demo keeps D=4" in demo and "--devices 2 fits this machine" in demo
+    train = cores_note(2, 4, 3, "gloo", "train")
+    assert train is not None and "fewer processes (--devices, --data-parallel)" in train and "demo" not in train
+    assert cores_note(4, 4, 4, "gloo", "demo") is None  # a core each
+    assert cores_note(4, 4, 2, "nccl", "demo") is None  # GPU ranks do not share the CPU's cores this way

@@ -207,9 +207,23 @@ def run(cfg: TrainConfig, command: str = "train") -> int:
         from bitpipe_fx.runtime.launch import launch
 
         say(f"starting {cfg.processes} local processes ({backend}, {cfg.threads} thread(s) each) ...", flush=True)
+        note = cores_note(cfg.devices, cfg.processes, os.cpu_count() or 1, backend, command)
+        if note:
+            say(note, flush=True)
         result = launch(worker, cfg.processes, backend, (cfg, plan_path, start, history), timeout=cfg.timeout,
                         threads=cfg.threads)[0]
     return finish(cfg, result, start) if rank == 0 else 0
+
+
+def cores_note(devices: int, processes: int, cores: int, backend: str, command: str) -> str | None:
+    """What it means when there are more CPU processes than cores, and (for the demo) why D is kept."""
+    if backend != "gloo" or processes <= cores:
+        return None
+    why = (f"the demo keeps D={devices} so that its pictures show a {devices}-device pipeline; "
+           f"--devices {max(2, cores - cores % 2)} fits this machine" if command == "demo"
+           else "fewer processes (--devices, --data-parallel) fit this machine")
+    return (f"  ({processes} processes on {cores} CPU cores take turns: the measured times include waiting for a "
+            f"core; {why})")
 
 
 def _torchrun(cfg: TrainConfig, backend: str, plan_path: str | None, start: int, history: Any) -> Any:
