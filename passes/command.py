@@ -117,6 +117,11 @@ def _import(name: str) -> Any:
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as exc:
+        here = str(Path.cwd())
+        local = Path(here, f"{exc.name}.py").is_file()
+        if exc.name == name.split(".")[0] and here not in sys.path and local:
+            sys.path.insert(0, here)  # a module of the current folder, as `python -m` finds it (spawned ranks too)
+            return importlib.import_module(name)
         raise ConfigError(
             f"cannot import module {name!r} ({exc}); give a dotted module on sys.path or a path to a .py file"
         ) from exc

@@ -72,3 +72,26 @@ def test_factory_arguments_parse_as_literals():
     assert parse_kwargs(["layers=16", "dropout=0.1", "name=tiny"]) == {"layers": 16, "dropout": 0.1, "name": "tiny"}
     with pytest.raises(ConfigError, match=r"--arg expects KEY=VALUE"):
         parse_kwargs(["layers"])
+
+
+def test_a_factory_module_in_the_current_folder_is_found_by_the_console_script(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "my_factory_mod.py").write_text(textwrap.dedent("""
+        from bitpipe_fx.examples.models import gpt
+
+        def make():
+            return gpt(layers=2, dim=32, heads=2, seq=16, micro_batch=2)
+    """))
+    script = Path(sys.executable).with_name("bitpipe-fx")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([str(script), "inspect", "my_factory_mod:make", "--devices", "2"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "Plan for GPT: schedule bitpipe, D=2 devices" in proc.stdout
+    proc = subprocess.run([str(script), "inspect", "my_factory_mod_typo:make"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 2 and "cannot import module 'my_factory_mod_typo'" in proc.stderr
