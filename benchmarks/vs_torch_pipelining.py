@@ -64,12 +64,12 @@ TORCH_SCHEDULES = {  # name -> (torch class name, stages per rank, placement sty
     "1f1b-autocut": ("Schedule1F1B", 1, "loop"),  # bitpipe_fx's cut points (its passes) under torch's 1F1B
 }
 AUTOCUT = "-autocut"
-BITPIPE_SCHEDULES = ("1f1b", "interleaved", "zbv", "dualpipev", "bitpipe")
+BITPIPE_SCHEDULES = ("1f1b", "interleaved", "zbv", "dualpipev", "bitpipe", "auto")  # auto: the simulator picks
 FULL = {"model": {"vocab": 2048, "seq": 128, "dim": 256, "heads": 4, "layers": 8, "micro_batch": 3},
         "microbatches": 8, "memory_steps": 2, "warmup": 1, "rounds": 8, "steps": 1}
 SMOKE = {"model": {"vocab": 64, "seq": 16, "dim": 32, "heads": 2, "layers": 4, "micro_batch": 1},
          "microbatches": 4, "memory_steps": 1, "warmup": 1, "rounds": 1, "steps": 1}
-SMOKE_RUNS = (("torch", "1f1b"), ("bitpipe_fx", "1f1b"), ("bitpipe_fx", "bitpipe"))
+SMOKE_RUNS = (("torch", "1f1b"), ("bitpipe_fx", "1f1b"), ("bitpipe_fx", "bitpipe"), ("bitpipe_fx", "auto"))
 AGREE_RTOL = 1e-5  # float32 contract of DESIGN.md: max |a-b| / max |b| per parameter
 
 
@@ -205,6 +205,7 @@ class Runner:
     loss: Callable[[], float | None]  # mean loss of the last step, where this rank knows it
     stages: int
     balance: float | None = None
+    chosen: str | None = None  # for schedule="auto": the spec the search picked
 
 
 def setup_torch(schedule: str, cfg: dict[str, Any], microbatches: int) -> Runner:
@@ -282,8 +283,10 @@ def setup_bitpipe(schedule: str, cfg: dict[str, Any], microbatches: int) -> Runn
     def gradients() -> dict[str, torch.Tensor]:
         return {n: g.cpu() for n, g in pipe.gradients().items()}
 
+    plan = pipe.plan
+    chosen = plan.search.winner.spec if plan is not None and plan.search is not None else None
     return Runner(step, gradients, lambda: losses[0] if losses else None, pipe.program.stages,
-                  pipe.plan.balance if pipe.plan is not None else None)
+                  plan.balance if plan is not None else None, chosen)
 
 
 def setup(library: str, schedule: str, cfg: dict[str, Any], microbatches: int) -> Runner:
@@ -306,7 +309,7 @@ def first_steps(library: str, schedule: str, cfg: dict[str, Any], microbatches: 
     _sync(device)
     kind, peak = peak_memory()
     return {"grads": grads, "loss": loss, "memory_kind": kind, "peak_memory": peak, "memory_before": before,
-            "stages": runner.stages, "balance": runner.balance}
+            "stages": runner.stages, "balance": runner.balance, "chosen": runner.chosen}
 
 
 def timed_rounds(runs: list[tuple[str, str]], cfg: dict[str, Any], microbatches: int, warmup: int, rounds: int,
@@ -346,6 +349,7 @@ def first_step_row(library: str, schedule: str, procs: int, cfg: dict[str, Any],
     return {
         "library": library,
         "schedule": schedule,
+        "chosen": results[0]["chosen"],
         "stages": results[0]["stages"],
         "partition_balance": results[0]["balance"],
         "loss": next((r["loss"] for r in results if r["loss"] is not None), None),
@@ -455,6 +459,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         r["step_memory"] = " / ".join(f"{m - b:.0f}" for m, b in zip(r["peak_memory_mb"], r["memory_before_mb"]))
     for r in rows:
         del r["_grads"]
+        if r["chosen"] is not None:
+            r["schedule"] = f"{r['schedule']} -> {r['chosen']}"
     payload = {
         "benchmark": "vs_torch_pipelining",
         "smoke": args.smoke,

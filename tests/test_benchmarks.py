@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from bitpipe_fx.schedules import SCHEDULES
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
 
@@ -148,8 +150,10 @@ def test_hand_stages_reproduce_the_model():
 @pytest.mark.dist
 def test_vs_torch_smoke_gradients_agree(tmp_path):
     data = _run("vs_torch_pipelining.py", tmp_path)
-    rows = {(r["library"], r["schedule"]): r for r in data["rows"]}
-    assert set(rows) == {("torch", "1f1b"), ("bitpipe_fx", "1f1b"), ("bitpipe_fx", "bitpipe")}
+    rows = {(r["library"], r["schedule"].split(" -> ")[0]): r for r in data["rows"]}
+    assert set(rows) == {("torch", "1f1b"), ("bitpipe_fx", "1f1b"), ("bitpipe_fx", "bitpipe"), ("bitpipe_fx", "auto")}
+    chosen = rows[("bitpipe_fx", "auto")]["chosen"]  # the spec the search picked, shown in the schedule column
+    assert rows[("bitpipe_fx", "auto")]["schedule"] == f"auto -> {chosen}" and chosen.split(":")[0] in SCHEDULES
     assert rows[("torch", "1f1b")]["vs_fastest_torch"] == 1.0
     for r in rows.values():
         assert r["agrees"] and r["grad_err"] <= 1e-5, r
