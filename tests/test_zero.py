@@ -1,0 +1,61 @@
+"""Sharded optimizer state (ZeRO-1, runtime.zero) in float64 over real gloo processes (D = 2 x data-parallel 2):
+the same numbers as unsharded, state bytes per rank divided by the copy group, checkpoints across sharding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bitpipe_fx.api import CompiledPipeline
+from bitpipe_fx.errors import ConfigError
+from bitpipe_fx.runtime.launch import launch
+from bitpipe_fx.schedules import generate
+from tests.support.toy import Toy, mse, toy_split
+from tests.support.zero import checkpoint_worker, equality_worker
+
+
+@pytest.mark.parametrize(("schedule", "group"), [("bitpipe", 4), ("1f1b", 2)])
+def test_sharded_equals_unsharded_and_divides_the_state_by_the_group(schedule, group):
+    results = launch(equality_worker, 4, args=(schedule,), timeout=120, join_timeout=600)
+    for r in results:
+        for name in ("sf-adamw", "sgd"):
+            got = r[name]
+            for key in ("loss_err", "param_err", "export_err", "eval_err"):
+                assert got[key] <= 1e-12, (r["rank"], name, key, got)
+            assert got["moved"] > 1e-3, got  # it trained: the comparison is not of untouched weights
+    # the copy group of a stage: every rank for bitpipe (both devices hold every stage), the two data-parallel
+    # ranks of one device for 1f1b; across a group each element's state is held exactly once
+    groups = [[0, 1, 2, 3]] if group == 4 else [[0, 2], [1, 3]]
+    stages = 4 if group == 4 else 1  # stages (flat buffers) per rank: each may pad its shard by < 1 element
+    for ranks in groups:
+        for name, keys in (("sf-adamw", 2), ("sgd", 1)):
+            whole = results[ranks[0]][name]["numel"][0]
+            assert all(results[k][name]["numel"][0] == whole for k in ranks)
+            shards = [results[k][name]["numel"][1] for k in ranks]
+            assert sum(shards) == whole, (name, shards, whole)
+            assert max(shards) <= whole / group + keys * stages, (name, shards, whole)
+
+
+def test_a_sharded_checkpoint_resumes_unsharded_and_back(tmp_path):
+    results = launch(checkpoint_worker, 4, args=(str(tmp_path),), timeout=120, join_timeout=600)
+    for r in results:
+        for saved in ("sharded", "whole"):
+            assert r[saved]["loss_err"] <= 1e-12, (r["rank"], saved, r[saved])
+            assert r[saved]["param_err"] <= 1e-12, (r["rank"], saved, r[saved])
+            assert r[saved]["compared"] >= 20, r[saved]  # the rank's 1f1b stage: half of the model
+
+
+def _toy_pipe(**kwargs) -> CompiledPipeline:
+    return CompiledPipeline(toy_split(Toy(depth=2), 2), generate("1f1b", 2, 4), mse, torch.zeros(2, 5),
+                            optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1), **kwargs)
+
+
+def test_shard_optimizer_must_be_a_bool():
+    with pytest.raises(ConfigError, match=r"shard_optimizer must be True or False .* got 'yes'"):
+        _toy_pipe(shard_optimizer="yes")
+
+
+def test_shard_optimizer_in_one_process_is_refused_naming_the_fix():
+    with pytest.raises(ConfigError, match=r"shard_optimizer=True .* runs in one process: launch devices x "
+                                          r"data_parallel processes .* or drop it"):
+        _toy_pipe(shard_optimizer=True)
