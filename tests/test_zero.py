@@ -3,17 +3,27 @@ the same numbers as unsharded, state bytes per rank divided by the copy group, c
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
+from bitpipe_fx import cli
 from bitpipe_fx.api import CompiledPipeline
 from bitpipe_fx.errors import ConfigError
-from bitpipe_fx.runtime.launch import launch
+from bitpipe_fx.runtime.launch import LaunchError, launch
 from bitpipe_fx.schedules import generate
 from tests.support.toy import Toy, mse, toy_split
-from tests.support.zero import checkpoint_worker, equality_worker
+from tests.support.zero import checkpoint_worker, equality_worker, stall_worker
+
+BOUND = 4.0  # seconds: the runtime's wait bound in the stall test
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize(("schedule", "group"), [("bitpipe", 4), ("1f1b", 2)])
 def test_sharded_equals_unsharded_and_divides_the_state_by_the_group(schedule, group):
     results = launch(equality_worker, 4, args=(schedule,), timeout=120, join_timeout=600)
@@ -36,6 +46,7 @@ def test_sharded_equals_unsharded_and_divides_the_state_by_the_group(schedule, g
             assert max(shards) <= whole / group + keys * stages, (name, shards, whole)
 
 
+@pytest.mark.dist
 def test_a_sharded_checkpoint_resumes_unsharded_and_back(tmp_path):
     results = launch(checkpoint_worker, 4, args=(str(tmp_path),), timeout=120, join_timeout=600)
     for r in results:
@@ -43,6 +54,16 @@ def test_a_sharded_checkpoint_resumes_unsharded_and_back(tmp_path):
             assert r[saved]["loss_err"] <= 1e-12, (r["rank"], saved, r[saved])
             assert r[saved]["param_err"] <= 1e-12, (r["rank"], saved, r[saved])
             assert r[saved]["compared"] >= 20, r[saved]  # the rank's 1f1b stage: half of the model
+
+
+@pytest.mark.dist
+def test_a_stalled_peer_fails_the_reduce_scatter_within_the_bound_naming_stage_and_peers():
+    with pytest.raises(LaunchError) as info:
+        launch(stall_worker, 2, args=(BOUND,), timeout=30, grace=3, join_timeout=120)
+    err = info.value
+    assert err.first_rank == 0 and err.errors[0] == "PipelineRuntimeError", err.errors
+    assert f"rank 0: gradient reduce-scatter of stage 0 with ranks [1] did not finish within {BOUND}s" in \
+        err.tracebacks[0]
 
 
 def _toy_pipe(**kwargs) -> CompiledPipeline:
@@ -59,3 +80,33 @@ def test_shard_optimizer_in_one_process_is_refused_naming_the_fix():
     with pytest.raises(ConfigError, match=r"shard_optimizer=True .* runs in one process: launch devices x "
                                           r"data_parallel processes .* or drop it"):
         _toy_pipe(shard_optimizer=True)
+
+
+TRAIN = ["--arg", "dim=16", "--arg", "layers=2", "--arg", "heads=2", "--devices", "2", "--data-parallel", "2",
+         "--microbatches", "2", "--batch-size", "8", "--seq-len", "8", "--dtype", "float64", "--lr", "1e-2",
+         "--warmup", "0", "--save-every", "3", "--max-bytes", "100000", "--seed", "3"]
+
+
+def _train(out: Path, *extra: str) -> list[float]:
+    exe = Path(sys.executable).with_name("bitpipe-fx")
+    proc = subprocess.run([str(exe), "train", *TRAIN, "--out", str(out), *extra], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads((out / "metrics.json").read_text())["losses"]
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_train_shard_optimizer_resumes_unsharded_as_the_uninterrupted_run(tmp_path):
+    _train(tmp_path / "part", "--steps", "3", "--shard-optimizer")
+    resumed = _train(tmp_path / "part", "--steps", "5", "--resume")
+    whole = _train(tmp_path / "whole", "--steps", "5")
+    assert len(resumed) == len(whole) == 5
+    assert all(abs(a - b) <= 1e-12 * abs(b) for a, b in zip(resumed, whole)), (resumed, whole)
+
+
+def test_train_refuses_shard_optimizer_with_local(tmp_path, capsys):
+    rc = cli.main(["train", *TRAIN, "--local", "--shard-optimizer", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "--shard-optimizer shards optimizer state over the processes holding copies of a stage and --local" in err

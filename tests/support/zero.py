@@ -4,6 +4,7 @@ embedding and head): the same training sharded and unsharded, and checkpoints ac
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,8 +13,11 @@ import torch.distributed as dist
 from torch import nn
 
 import bitpipe_fx as bp
+from bitpipe_fx.api import CompiledPipeline
 from bitpipe_fx.examples.models import gpt, lm_batch, lm_loss
+from bitpipe_fx.schedules import generate
 from tests.support.reference import max_rel_err
+from tests.support.toy import Toy, mse, toy_split
 
 D, DP, N = 2, 2, 4
 Factory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
@@ -102,3 +106,27 @@ def checkpoint_worker(folder: str) -> dict[str, object]:
         out["sharded" if shard else "whole"] = {"loss_err": _rel(got, expected), "compared": len(mine),
                                                 "param_err": _param_err(mine, {k: reference[k] for k in mine})}
     return out
+
+
+def stall_worker(timeout: float) -> None:
+    """D = 1 x data-parallel 2, sharded: in step 2 rank 1 stalls in its loss, so rank 0 waits in the gradient
+    reduce-scatter and must raise PipelineRuntimeError within ``timeout``."""
+    torch.set_num_threads(1)
+    calls = [0]
+
+    def stalling_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        if dist.get_rank() == 1 and calls[0] == 3:
+            time.sleep(10 * timeout)
+        return mse(out, y)
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Toy(depth=2)
+    pipe = CompiledPipeline(toy_split(model, 1), generate("1f1b", 1, 2), stalling_loss, torch.zeros(2, 5),
+                            optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1), data_parallel=2, timeout=timeout,
+                            shard_optimizer=True)
+    x, y = torch.randn(4, 5), torch.randn(4, 5)
+    pipe.step(x, y)
+    pipe.step(x, y)
+    raise AssertionError(f"rank {dist.get_rank()} finished a step whose peer stalled")
