@@ -18,6 +18,7 @@ import math
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import cached_property
 
 import torch
 import torch.distributed as dist
@@ -26,9 +27,7 @@ from torch import nn
 from bitpipe_fx.errors import PipelineRuntimeError
 from bitpipe_fx.runtime.chunk import StageReplica
 from bitpipe_fx.runtime.gradsync import GradSync, replica_ranks
-from bitpipe_fx.runtime.specs import TensorSpec
 from bitpipe_fx.runtime.state import OptimizerState, Piece
-from bitpipe_fx.schedules.ir import Placement
 
 
 @dataclass(eq=False)
@@ -104,21 +103,19 @@ class _Elementwise:
 class ShardedSync(GradSync):
     """GradSync with reduce-scatter into this rank's shards, exact tied sums and the parameter all-gather."""
 
-    def __init__(
-        self,
-        placement: Placement,
-        data_parallel: int,
-        replicas: dict[int, StageReplica],
-        shared: dict[str, tuple[int, ...]],
-        shared_specs: dict[str, TensorSpec],
-        timeout: float,
-    ) -> None:
-        super().__init__(placement, data_parallel, replicas, shared, shared_specs, timeout)
-        self.shards: list[Shard] = []
-        for stage, replica in sorted(replicas.items()):
-            ranks = replica_ranks(placement, stage, data_parallel)
-            self.shards += shards_of(replica, ranks, self.rank, self.groups.get(stage))
-        self.pieces = {id(h.param): h.piece for s in self.shards for h in s.pieces}
+    @cached_property
+    def shards(self) -> list[Shard]:
+        """This rank's shards of every local replica, stage by stage (the order of every collective here)."""
+        out: list[Shard] = []
+        for stage, replica in sorted(self.replicas.items()):
+            ranks = replica_ranks(self.placement, stage, self.dp)
+            out += shards_of(replica, ranks, self.rank, self.groups.get(stage))
+        return out
+
+    @cached_property
+    def pieces(self) -> dict[int, Piece]:
+        """id of an optimizer parameter -> the part of an original parameter it is (for checkpoints)."""
+        return {id(h.param): h.piece for s in self.shards for h in s.pieces}
 
     def parameters(self) -> list[nn.Parameter]:
         """What the optimizer factory is given: this rank's pieces, stage by stage."""
