@@ -110,3 +110,15 @@ def test_train_refuses_shard_optimizer_with_local(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1, err
     assert "--shard-optimizer shards optimizer state over the processes holding copies of a stage and --local" in err
+
+
+@pytest.mark.dist
+def test_shard_state_benchmark_smoke_divides_state_by_the_group(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "shard_state.py"), "--smoke", "--out",
+                           str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "shard_state.json").read_text())["rows"]
+    assert len(rows) == 4 and all(r["group"] == "4" for r in rows)
+    for r in rows:  # bitpipe D=2 x dp=2: every stage has four copies; the tiny model's padding is < 0.1 %
+        assert r["ratio"] == pytest.approx(4.0, rel=1e-3) and r["loss_rel_err"] <= 1e-5, r
