@@ -54,6 +54,9 @@ def test_a_sharded_checkpoint_resumes_unsharded_and_back(tmp_path):
             assert r[saved]["loss_err"] <= 1e-12, (r["rank"], saved, r[saved])
             assert r[saved]["param_err"] <= 1e-12, (r["rank"], saved, r[saved])
             assert r[saved]["compared"] >= 20, r[saved]  # the rank's 1f1b stage: half of the model
+            # state_dict() right after the load equals the saving run's, whole per FQN, for every parameter
+            assert r[saved]["state_equal"] and r[saved]["z_shapes_ok"], r[saved]
+            assert r[saved]["state_keys"] == r[saved]["compared"], r[saved]
 
 
 @pytest.mark.dist

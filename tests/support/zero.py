@@ -98,12 +98,18 @@ def checkpoint_worker(folder: str) -> dict[str, object]:
         for b in batches[:2]:
             first.step(*b)
         first.save_checkpoint(path)
+        saved = first.state_dict()["optimizer"]["state"]  # whole per FQN, sharded or not
         expected = [first.step(*b) for b in batches[2:]]
         second = _pipe(model, example, "1f1b", "sf-adamw", not shard)
         second.load_checkpoint(path)
+        loaded = second.state_dict()["optimizer"]["state"]
+        same = all(torch.equal(v, saved[fqn][k]) for fqn, st in loaded.items() for k, v in st.items())
+        shapes = {fqn: tuple(st["z"].shape) for fqn, st in loaded.items()}
         got = [second.step(*b) for b in batches[2:]]
         mine, reference = _params(second), _params(first)  # bitpipe's ranks hold every stage, 1f1b's one
         out["sharded" if shard else "whole"] = {"loss_err": _rel(got, expected), "compared": len(mine),
+                                                "state_equal": same, "state_keys": len(loaded),
+                                                "z_shapes_ok": shapes == {k: tuple(v.shape) for k, v in mine.items()},
                                                 "param_err": _param_err(mine, {k: reference[k] for k in mine})}
     return out
 
