@@ -163,7 +163,7 @@ class ShardedSync(GradSync):
     def gather(self) -> None:
         """Every copy gets the full updated parameters: all-gather each shard over its group (bounded waits)."""
         self.recorder = None  # after the step's record: not part of its timeline
-        started, kept = time.perf_counter(), []
+        started, kept = time.perf_counter(), []  # kept: each send buffer, alive until its wait ends
         for s in self.shards:
             if s.size > 1:
                 mine = s.values().clone()
