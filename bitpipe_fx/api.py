@@ -84,6 +84,7 @@ class CompiledPipeline:
         source: nn.Module | None = None,
         seed: int = 0,
         on_nonfinite: str = "raise",
+        shard_optimizer: bool = False,
     ) -> None:
         if program.stages != split.num_stages:
             raise ConfigError(
@@ -95,6 +96,9 @@ class CompiledPipeline:
                               f"got {seed!r}")
         if on_nonfinite not in nonfinite.POLICIES:
             raise ConfigError(f"on_nonfinite must be one of {list(nonfinite.POLICIES)}, got {on_nonfinite!r}")
+        if not isinstance(shard_optimizer, bool):
+            raise ConfigError(f"shard_optimizer must be True or False (shard optimizer state over each stage's "
+                              f"copies), got {shard_optimizer!r}")
         if not isinstance(data_parallel, int) or data_parallel < 1:
             raise ConfigError(f"data_parallel must be a positive integer, got {data_parallel!r}")
         if optimizer is not None and (isinstance(optimizer, torch.optim.Optimizer) or not callable(optimizer)):
@@ -114,14 +118,19 @@ class CompiledPipeline:
         self.executor: LocalExecutor | DistributedExecutor
         if self.distributed:
             self.executor = DistributedExecutor(program, split, loss_fn, specs, data_parallel, timeout, lookahead,
-                                                seed)
+                                                seed, shard_optimizer)
             self.rank = self.executor.rank
+        elif shard_optimizer:
+            raise ConfigError("shard_optimizer=True shards optimizer state over the processes holding copies of a "
+                              "stage, and this pipeline runs in one process: launch devices x data_parallel processes "
+                              "(torchrun, bitpipe_fx.runtime.launch, or bitpipe-fx train without --local) or drop it")
         else:
             self.executor = LocalExecutor(program, split, loss_fn, specs, data_parallel, seed)
             self.rank = 0
         self._state_keys, self._canonical = state_names or ([], {})
         self._source = source  # the compiled model: its class and config for a Hugging Face export
-        params = [p for r in self.executor.replicas for p in r.trainable]
+        self._zero = self.executor.zero if isinstance(self.executor, DistributedExecutor) else None
+        params = self._zero.parameters() if self._zero else [p for r in self.executor.replicas for p in r.trainable]
         self.optimizer = optimizer(params) if optimizer is not None else None
         self.last_timeline: list[TraceEvent] = []
         self.seed = seed
@@ -158,6 +167,8 @@ class CompiledPipeline:
             self.skipped_steps += 1
         else:
             self.optimizer.step()
+            if self._zero:  # every copy gets the updated shards
+                self._zero.gather()
         self.steps_taken += 1
         for r in self.executor.replicas:
             r.zero_grad()
@@ -206,6 +217,8 @@ class CompiledPipeline:
         swap = getattr(self.optimizer, "train" if mode else "eval", None)
         if callable(swap):
             swap()
+            if self._zero:  # the swap moved only the shards (collective, as with every rank calling it)
+                self._zero.gather()
         return self
 
     def eval(self) -> CompiledPipeline:
@@ -226,13 +239,17 @@ class CompiledPipeline:
 
     def gradients(self) -> dict[str, torch.Tensor]:
         """This process's gradients by FQN, summed over replicas and tied uses (clones)."""
+        if self._zero:
+            raise ConfigError("with shard_optimizer=True each rank holds only its shard of the summed gradients; "
+                              "compile without shard_optimizer to read whole gradients")
         return {n: p.grad.detach().clone() for n, p in self._first_copies().items() if p.grad is not None}
 
     def state_dict(self) -> PipelineState:
         """This process's part: {"model": {fqn: tensor}, "optimizer": state by FQN (if any)}."""
         out = PipelineState(model=model_state(self.executor.replicas))
         if self.optimizer is not None:
-            out["optimizer"] = optimizer_state(self.optimizer, self.executor.replicas)
+            out["optimizer"] = (self._zero.optimizer_state(self.optimizer) if self._zero
+                                else optimizer_state(self.optimizer, self.executor.replicas))
         return out
 
     def load_state_dict(self, state: PipelineState) -> None:
@@ -242,17 +259,18 @@ class CompiledPipeline:
         model = {self._canonical.get(k, k): v for k, v in state["model"].items()}
         load_model_state(self.executor.replicas, model)
         if self.optimizer is not None and "optimizer" in state:
-            load_optimizer_state(self.optimizer, self.executor.replicas, state["optimizer"])
+            load_optimizer_state(self.optimizer, self.executor.replicas, state["optimizer"],
+                                 self._zero.pieces if self._zero else None)
 
     def save_checkpoint(self, path: str | Path, extra: Mapping[str, object] | None = None) -> None:
         """Model and optimizer state by original names as a torch.distributed.checkpoint folder, every rank
         writing its stages in parallel (collective: call it on every rank); ``extra``: objects to keep with it."""
-        checkpoint_dcp.save(path, self.executor.replicas, self.optimizer, extra or {})
+        checkpoint_dcp.save(path, self.executor.replicas, self.optimizer, extra or {}, self._zero)
 
     def load_checkpoint(self, path: str | Path, extra: tuple[str, ...] = ()) -> dict[str, object]:
         """Load a ``save_checkpoint`` folder, whatever schedule, D or data-parallel size wrote it; returns the
         ``extra`` objects named (those present)."""
-        return checkpoint_dcp.load(path, self.executor.replicas, self.optimizer, extra)
+        return checkpoint_dcp.load(path, self.executor.replicas, self.optimizer, extra, self._zero)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's state_dict (original keys, tied names included) on rank 0; {} elsewhere."""
@@ -283,6 +301,8 @@ class CompiledPipeline:
         on rank 0 only unless ``everywhere``. The pipeline and its optimizer are unchanged."""
         mine = model_state(self.executor.replicas)
         mine.update(mode_values(self._first_copies(), self.optimizer, weights, self.training))
+        if self._zero:  # Schedule-Free's other mode, from the shards' z (collective)
+            mine.update(self._zero.mode_values(self.optimizer, weights))
         return self._gathered(mine, everywhere)
 
     def export(self, path: str | Path, weights: str = "eval") -> Path | None:
@@ -315,6 +335,7 @@ def compile(
     leaf_modules: tuple[str | type[nn.Module], ...] = (),
     seed: int = 0,
     on_nonfinite: str = "raise",
+    shard_optimizer: bool = False,
     **schedule_options: object,
 ) -> CompiledPipeline:
     """Capture, partition, split and schedule ``model``; returns a pipeline that trains it.
@@ -326,7 +347,8 @@ def compile(
     distributed step; ``leaf_modules``: submodules (FQNs or classes) that run as one opaque call each;
     ``seed``: keys the random streams (dropout) of every micro-batch with the step number (runtime.rng), so
     results do not depend on the schedule; ``on_nonfinite``: "raise" (NonFiniteError) or "skip" (drop that
-    step's update on every rank and count it in ``skipped_steps``).
+    step's update on every rank and count it in ``skipped_steps``); ``shard_optimizer``: ZeRO-1, each rank keeps
+    optimizer state only for its shard of every stage it holds (runtime.zero; needs torch.distributed).
     """
     if isinstance(plan, (str, Path)):
         plan = Plan.load(plan)
@@ -344,7 +366,7 @@ def compile(
     return CompiledPipeline(
         split, plan.program, loss_fn, example_inputs, optimizer=optimizer, data_parallel=data_parallel, plan=plan,
         timeout=timeout, trace_path=trace_path, state_names=_state_names(model), source=model, seed=seed,
-        on_nonfinite=on_nonfinite,
+        on_nonfinite=on_nonfinite, shard_optimizer=shard_optimizer,
     )
 
 

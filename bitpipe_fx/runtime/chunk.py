@@ -10,7 +10,7 @@ Two chunks of one stage on one device share the replica, so their gradients sum 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,10 +28,15 @@ def is_floating(t: torch.Tensor) -> bool:
 
 
 class StageReplica:
-    """A private module copy of one stage on one device, with flat gradient buffers."""
+    """A private module copy of one stage on one device, with flat gradient buffers.
+
+    With ``pad_to`` (sharded optimizer state, runtime.zero) the trainable parameters also become views of a flat
+    parameter buffer per dtype laid out like the gradient buffer, both padded with zeros to a multiple of
+    ``pad_to``, so that one shard of the buffer is one contiguous range on every copy.
+    """
 
     def __init__(self, stage: int, module: nn.Module, running: Sequence[RunningStat] = (),
-                 unused: Sequence[str] = ()) -> None:
+                 unused: Sequence[str] = (), pad_to: int | None = None) -> None:
         self.stage = stage
         self.module = module
         self.stats = RunningStats(module, running)
@@ -40,18 +45,32 @@ class StageReplica:
         # frozen parameters, and those no stage reads (no gradient, as in the model), are not trained
         self.trainable = [p for n, p in self.params.items() if p.requires_grad and n not in unused]
         self.flat_grads: list[torch.Tensor] = []
+        self.flat_params: list[torch.Tensor] = []  # only with pad_to
+        self.layout: list[list[tuple[str, int, nn.Parameter]]] = []  # per flat buffer: (FQN, offset, parameter)
         self._views: list[tuple[nn.Parameter, torch.Tensor]] = []
+        names = {id(p): n for n, p in self.params.items()}
         groups: dict[tuple[torch.dtype, torch.device], list[nn.Parameter]] = {}
         for p in self.trainable:
             groups.setdefault((p.dtype, p.device), []).append(p)
         for (dtype, device), params in groups.items():
-            flat = torch.zeros(sum(p.numel() for p in params), dtype=dtype, device=device)
+            numel = sum(p.numel() for p in params)
+            padded = numel if pad_to is None else -(-numel // pad_to) * pad_to
+            flat = torch.zeros(padded, dtype=dtype, device=device)
+            values = torch.zeros(padded, dtype=dtype, device=device) if pad_to is not None else None
+            entries = []
             offset = 0
             for p in params:
+                if values is not None:
+                    values[offset : offset + p.numel()].copy_(p.detach().reshape(-1))
+                    p.data = values[offset : offset + p.numel()].view_as(p)
                 p.grad = flat[offset : offset + p.numel()].view_as(p)
                 self._views.append((p, p.grad))
+                entries.append((names[id(p)], offset, p))
                 offset += p.numel()
             self.flat_grads.append(flat)
+            self.layout.append(entries)
+            if values is not None:
+                self.flat_params.append(values)
 
     def zero_grad(self) -> None:
         """Zero the flat buffers; re-attach a view that something replaced (e.g. zero_grad(set_to_none=True))."""
@@ -185,16 +204,17 @@ class Chunk:
 
 
 def build_device(
-    split: SplitModel, placement: Placement, device: int, loss_fn: LossFn
+    split: SplitModel, placement: Placement, device: int, loss_fn: LossFn, pad_to: Mapping[int, int] | None = None
 ) -> tuple[dict[int, StageReplica], dict[tuple[int, int], Chunk]]:
-    """Private copies of the stages ``device`` holds (one per stage) and its chunks over them."""
+    """Private copies of the stages ``device`` holds (one per stage) and its chunks over them; ``pad_to``: stage ->
+    the size of its copy group, when the optimizer state is sharded (flat parameter buffers, runtime.zero)."""
     replicas: dict[int, StageReplica] = {}
     chunks: dict[tuple[int, int], Chunk] = {}
     last = split.num_stages - 1
     for pipe, stage in placement.chunks(device):
         if stage not in replicas:
             replicas[stage] = StageReplica(stage, copy.deepcopy(split.stages[stage]), split.specs[stage].running_stats,
-                                           split.unused)
+                                           split.unused, None if pad_to is None else pad_to[stage])
         chunks[(pipe, stage)] = Chunk(
             pipe, stage, replicas[stage], split.specs[stage], stage == last, loss_fn, split.unflatten_output
         )

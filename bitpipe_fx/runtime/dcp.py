@@ -27,6 +27,7 @@ from bitpipe_fx.errors import ConfigError
 from bitpipe_fx.export import deduplicated
 from bitpipe_fx.runtime.chunk import StageReplica
 from bitpipe_fx.runtime.state import load_model_state, load_optimizer_state, optimizer_state
+from bitpipe_fx.runtime.zero import ShardedSync
 
 MODEL, STATE, GROUPS = "model.", "optim.state.", "optim.param_groups"
 
@@ -69,14 +70,16 @@ def _live(replicas: Iterable[StageReplica]) -> tuple[dict[str, torch.Tensor], di
 
 
 def flat_state(
-    replicas: Iterable[StageReplica], optimizer: torch.optim.Optimizer | None, extra: Mapping[str, Any] = ()
+    replicas: Iterable[StageReplica], optimizer: torch.optim.Optimizer | None, extra: Mapping[str, Any] = (),
+    zero: ShardedSync | None = None,
 ) -> dict[str, Any]:
-    """This process's part of the checkpoint, flat by key (see the module docstring)."""
+    """This process's part of the checkpoint, flat by key (see the module docstring); with ``zero`` (sharded
+    optimizer state) the state is gathered whole per FQN first, so the checkpoint does not depend on sharding."""
     replicas = list(replicas)
     model, _ = _live(replicas)
     out: dict[str, Any] = {MODEL + k: v.detach() for k, v in model.items()}
     if optimizer is not None:
-        saved = optimizer_state(optimizer, replicas)
+        saved = zero.optimizer_state(optimizer) if zero is not None else optimizer_state(optimizer, replicas)
         for fqn, per_param in saved["state"].items():
             for key, value in per_param.items():
                 out[f"{STATE}{fqn}.{key}"] = value
@@ -86,10 +89,11 @@ def flat_state(
 
 
 def save(path: str | Path, replicas: Iterable[StageReplica], optimizer: torch.optim.Optimizer | None,
-         extra: Mapping[str, Any] = ()) -> None:
+         extra: Mapping[str, Any] = (), zero: ShardedSync | None = None) -> None:
     """Write the checkpoint folder ``path`` (collective under torch.distributed: every rank calls it)."""
+    state = flat_state(replicas, optimizer, extra, zero)
     with _quiet():
-        dcp.save(flat_state(replicas, optimizer, extra), checkpoint_id=str(path), no_dist=not _distributed())
+        dcp.save(state, checkpoint_id=str(path), no_dist=not _distributed())
 
 
 def saved_keys(path: str | Path) -> dict[str, Any]:
@@ -110,8 +114,9 @@ def _target(meta: Any) -> Any:
 
 
 def load(path: str | Path, replicas: Iterable[StageReplica], optimizer: torch.optim.Optimizer | None,
-         extra: Iterable[str] = ()) -> dict[str, Any]:
-    """Load this process's stages (and optimizer state) from ``path``; returns the ``extra`` objects asked for."""
+         extra: Iterable[str] = (), zero: ShardedSync | None = None) -> dict[str, Any]:
+    """Load this process's stages (and optimizer state: with ``zero``, each piece's slice of it) from ``path``;
+    returns the ``extra`` objects asked for."""
     replicas = list(replicas)
     meta = saved_keys(path)
     model, aliases = _live(replicas)
@@ -140,5 +145,6 @@ def load(path: str | Path, replicas: Iterable[StageReplica], optimizer: torch.op
             if key.startswith(STATE):
                 fqn, name = key[len(STATE):].rsplit(".", 1)
                 per_param.setdefault(fqn, {})[name] = value
-        load_optimizer_state(optimizer, replicas, {"state": per_param, "param_groups": unpack(wanted[GROUPS])})
+        load_optimizer_state(optimizer, replicas, {"state": per_param, "param_groups": unpack(wanted[GROUPS])},
+                             zero.pieces if zero is not None else None)
     return {k: unpack(wanted[k]) for k in extra if k in wanted}

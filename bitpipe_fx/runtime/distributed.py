@@ -20,7 +20,7 @@ from bitpipe_fx.runtime import rng
 from bitpipe_fx.runtime.batch import MicroBatch
 from bitpipe_fx.runtime.buffers import replay_over
 from bitpipe_fx.runtime.chunk import StageReplica, build_device
-from bitpipe_fx.runtime.gradsync import GradSync
+from bitpipe_fx.runtime.gradsync import GradSync, replica_ranks
 from bitpipe_fx.runtime.group import check_world
 from bitpipe_fx.runtime.interpreter import DeviceInterpreter, forward_only
 from bitpipe_fx.runtime.nonfinite import Finding, earliest
@@ -28,6 +28,7 @@ from bitpipe_fx.runtime.p2p import P2P
 from bitpipe_fx.runtime.predict import PredictInterpreter, share
 from bitpipe_fx.runtime.specs import BoundarySpecs, TensorSpec
 from bitpipe_fx.runtime.timeline import Recorder, merge
+from bitpipe_fx.runtime.zero import ShardedSync
 from bitpipe_fx.schedules.ir import Program
 from bitpipe_fx.sim.trace import TraceEvent
 
@@ -62,6 +63,7 @@ class DistributedExecutor:
         timeout: float,
         lookahead: int = 4,
         seed: int = 0,
+        shard_optimizer: bool = False,
     ) -> None:
         self.program, self.dp, self.timeout, self.seed = program, data_parallel, timeout, seed
         self.rank, self.world = check_world(program.devices, data_parallel)
@@ -73,9 +75,13 @@ class DistributedExecutor:
             for p in [dict(split.stages[stages[0]].named_parameters()).get(fqn)]
             if p is not None and p.requires_grad
         }
-        replicas, chunks = build_device(split, program.placement, self.device, loss_fn)
+        place = program.placement
+        pad_to = {s: len(replica_ranks(place, s, data_parallel)) for s in range(program.stages)}
+        replicas, chunks = build_device(split, place, self.device, loss_fn, pad_to if shard_optimizer else None)
         self.local_replicas = replicas
-        self.gradsync = GradSync(program.placement, data_parallel, replicas, split.shared, shared_specs, timeout)
+        sync = ShardedSync if shard_optimizer else GradSync
+        self.gradsync = sync(place, data_parallel, replicas, split.shared, shared_specs, timeout)
+        self.zero = self.gradsync if isinstance(self.gradsync, ShardedSync) else None  # sharded optimizer state
         device = next((p.device for r in replicas.values() for p in r.params.values()), torch.device("cpu"))
         self.tensor_device = device
         fwd = forward_only(program)

@@ -88,6 +88,12 @@ class GradSync:
 
     def finish(self) -> None:
         """Wait for every launched all-reduce, then give tied parameters the sum over their stages."""
+        self.wait_pending("gradient all-reduce", "allreduce")
+        if self.shared:
+            self._sum_shared()
+
+    def wait_pending(self, what: str, label: str) -> None:
+        """Wait (bounded by the timeout) for every launched collective; a late one names its stage and peers."""
         pending, self._pending = self._pending, []
         for stage, work, started in pending:
             try:
@@ -95,13 +101,11 @@ class GradSync:
             except RuntimeError as exc:
                 peers = [r for r in replica_ranks(self.placement, stage, self.dp) if r != self.rank]
                 raise PipelineRuntimeError(
-                    f"rank {self.rank}: gradient all-reduce of stage {stage} with ranks {peers} did not finish "
+                    f"rank {self.rank}: {what} of stage {stage} with ranks {peers} did not finish "
                     f"within {self.timeout}s ({exc}); a peer died, stalled or failed earlier (see its error)"
                 ) from exc
             if self.recorder is not None:
-                self.recorder.event(f"allreduce stage {stage}", "SYNC", -1, stage, -1, started, time.perf_counter())
-        if self.shared:
-            self._sum_shared()
+                self.recorder.event(f"{label} stage {stage}", "SYNC", -1, stage, -1, started, time.perf_counter())
 
     def _sum_shared(self) -> None:
         place = self.placement

@@ -10,12 +10,30 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import TypedDict
 
 import torch
 
 from bitpipe_fx.errors import ConfigError
 from bitpipe_fx.runtime.chunk import StageReplica
+
+
+@dataclass(frozen=True)
+class Piece:
+    """The part [start, stop) of parameter ``fqn`` (flattened; its shape is ``shape``) that one optimizer parameter
+    is, when the optimizer state is sharded (runtime.zero): saved state is whole per FQN, a piece loads its slice."""
+
+    fqn: str
+    start: int
+    stop: int
+    shape: tuple[int, ...]
+
+    def cut(self, state: Mapping[str, object]) -> dict[str, object]:
+        """This piece's part of a parameter's whole saved state: per-element entries sliced, the rest copied."""
+        return {k: v.reshape(-1)[self.start : self.stop].clone()
+                if isinstance(v, torch.Tensor) and v.dim() > 0 and tuple(v.shape) == self.shape else copy.deepcopy(v)
+                for k, v in state.items()}
 
 
 class OptimizerState(TypedDict):
@@ -75,9 +93,12 @@ def optimizer_state(optimizer: torch.optim.Optimizer, replicas: Iterable[StageRe
 
 
 def load_optimizer_state(
-    optimizer: torch.optim.Optimizer, replicas: Iterable[StageReplica], saved: OptimizerState
+    optimizer: torch.optim.Optimizer, replicas: Iterable[StageReplica], saved: OptimizerState,
+    pieces: Mapping[int, Piece] | None = None,
 ) -> None:
-    """Inverse of ``optimizer_state``: every local copy of an FQN gets its own copy of the saved state."""
+    """Inverse of ``optimizer_state``: every local copy of an FQN gets its own copy of the saved state; with
+    ``pieces`` (id of an optimizer parameter -> the Piece it is: sharded state) each gets its slice."""
+    pieces = pieces or {}
     names = _param_names(replicas)
     if len(saved["param_groups"]) != len(optimizer.param_groups):
         raise ConfigError(
@@ -90,9 +111,11 @@ def load_optimizer_state(
     for live, old in zip(optimizer.param_groups, saved["param_groups"]):
         indices = []
         for p in live["params"]:
-            fqn = names[id(p)]
+            piece = pieces.get(id(p))
+            fqn = piece.fqn if piece is not None else names[id(p)]
             if fqn in saved["state"]:
-                state[index] = copy.deepcopy(saved["state"][fqn])
+                whole = saved["state"][fqn]
+                state[index] = piece.cut(whole) if piece is not None else copy.deepcopy(whole)
             indices.append(index)
             index += 1
         groups.append({**{k: v for k, v in old.items() if k != "params"}, "params": indices})

@@ -65,6 +65,7 @@ class TrainConfig:
     threads: int = 1
     timeout: float = 60.0
     on_nonfinite: str = "raise"
+    shard_optimizer: bool = False
 
     @property
     def rows_per_microbatch(self) -> int:
@@ -121,6 +122,9 @@ def check(cfg: TrainConfig) -> None:
         raise ConfigError("--resume continues the run in --out and --overwrite replaces it; pass one of them")
     if cfg.timeout <= 0:
         raise ConfigError(f"--timeout must be > 0 seconds, got {cfg.timeout}")
+    if cfg.local and cfg.shard_optimizer:
+        raise ConfigError("--shard-optimizer shards optimizer state over the processes holding copies of a stage and "
+                          "--local runs every device in one process; drop --local or --shard-optimizer")
     if cfg.local and cfg.data_parallel != 1:
         raise ConfigError("--local runs every device in one process and cannot do data parallelism; "
                           "drop --local or use --data-parallel 1")
