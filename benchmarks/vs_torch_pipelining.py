@@ -54,7 +54,7 @@ from _common import (
 from torch import nn
 
 from bitpipe_fx.examples.models import GPT, gpt, lm_batch, lm_loss
-from bitpipe_fx.runtime.launch import launch
+from bitpipe_fx.runtime.launch import LaunchError, launch
 
 TORCH_SCHEDULES = {  # name -> (torch class name, stages per rank, placement style)
     "1f1b": ("Schedule1F1B", 1, "loop"),
@@ -165,14 +165,15 @@ def hand_stages(cfg: dict[str, Any], n_stages: int, mine: list[int], device: tor
 
 
 class CutStage(nn.Module):
-    """A bitpipe_fx stage module in torch.distributed.pipelining's shape: one tensor out where there is one."""
+    """A bitpipe_fx stage module in torch.distributed.pipelining's shape: one tensor out where there is one, and
+    contiguous (torch's p2p sends only contiguous tensors; a cut after a transpose is not)."""
 
     def __init__(self, stage: nn.Module) -> None:
         super().__init__()
         self.stage = stage
 
     def forward(self, *values: torch.Tensor) -> Any:
-        out = self.stage(*values)
+        out = tuple(t.contiguous() for t in self.stage(*values))
         return out[0] if len(out) == 1 else out
 
 
@@ -361,6 +362,12 @@ def first_step_row(library: str, schedule: str, procs: int, cfg: dict[str, Any],
     }
 
 
+def _last_error(text: str) -> str:
+    """The exception line at the end of a rank's traceback."""
+    lines = [line for line in text.splitlines() if line.strip() and not line.startswith(" ")]
+    return lines[-1] if lines else text
+
+
 def available_torch_schedules() -> list[str]:
     from torch.distributed.pipelining import schedules as torch_schedules
 
@@ -400,6 +407,8 @@ def render(payload: dict[str, Any]) -> str:
             Column("grad_err_vs_torch", "vs torch same schedule", ".1e"), Column("agrees", "agrees"),
         ]),
     ]
+    if payload.get("failed"):
+        lines += ["", "Runs that failed (not timed): " + "; ".join(f"{k}: {v}" for k, v in payload["failed"].items())]
     if unavailable:
         lines += ["", f"Not in this torch ({payload['machine']['torch']}): {', '.join(unavailable)}."]
     return "\n".join(lines)
@@ -432,11 +441,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                {("torch", n) for n in torch_names} | {("bitpipe_fx", n) for n in BITPIPE_SCHEDULES}]
     if unknown:
         p.error(f"unknown or unavailable runs {unknown}; torch has {torch_names}, bitpipe_fx {BITPIPE_SCHEDULES}")
-    rows = []
+    rows, failed = [], {}
     for library, schedule in runs:
-        rows.append(first_step_row(library, schedule, args.procs, cfg["model"], cfg["microbatches"],
-                                   cfg["memory_steps"]))
+        try:
+            rows.append(first_step_row(library, schedule, args.procs, cfg["model"], cfg["microbatches"],
+                                       cfg["memory_steps"]))
+        except LaunchError as exc:  # a peer's run that fails on this model is reported, not fatal
+            failed[f"{library}:{schedule}"] = _last_error(str(exc))
+            print(f"{library:10s} {schedule:12s} FAILED: {failed[f'{library}:{schedule}']}", flush=True)
+            continue
         print(f"{library:10s} {schedule:12s} first steps done ({rows[-1]['wall_s']:.0f} s)", flush=True)
+    runs = [(lib, s) for lib, s in runs if f"{lib}:{s}" not in failed]
     times = _launch(timed_rounds, args.procs, (runs, cfg["model"], cfg["microbatches"], cfg["warmup"],
                                                cfg["rounds"], cfg["steps"]))[0]
     for r in rows:
@@ -473,6 +488,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "torch_unavailable": [n for n in TORCH_SCHEDULES if n not in torch_names],
         "fastest_torch": fastest["schedule"],
         "rows": rows,
+        "failed": failed,
         "seconds": time.perf_counter() - started,
     }
     json_path, md_path = write_results(args.out, "vs_torch_pipelining", payload, render(payload))
