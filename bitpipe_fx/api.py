@@ -33,6 +33,7 @@ from bitpipe_fx.runtime.batch import BatchSplitter, as_call
 from bitpipe_fx.runtime.distributed import DistributedExecutor
 from bitpipe_fx.runtime.group import check_world, join_from_env
 from bitpipe_fx.runtime.local import LocalExecutor
+from bitpipe_fx.runtime.precision import precision_of
 from bitpipe_fx.runtime.predict import assemble
 from bitpipe_fx.runtime.specs import trace_boundaries
 from bitpipe_fx.runtime.state import (
@@ -85,6 +86,7 @@ class CompiledPipeline:
         seed: int = 0,
         on_nonfinite: str = "raise",
         shard_optimizer: bool = False,
+        precision: str = "fp32",
     ) -> None:
         if program.stages != split.num_stages:
             raise ConfigError(
@@ -101,6 +103,7 @@ class CompiledPipeline:
                               f"copies), got {shard_optimizer!r}")
         if not isinstance(data_parallel, int) or data_parallel < 1:
             raise ConfigError(f"data_parallel must be a positive integer, got {data_parallel!r}")
+        self.precision = precision_of(precision)
         if optimizer is not None and (isinstance(optimizer, torch.optim.Optimizer) or not callable(optimizer)):
             raise ConfigError(
                 f"optimizer must be a factory called with the local parameters, e.g. "
@@ -111,21 +114,21 @@ class CompiledPipeline:
         self.program, self.plan, self.loss_fn = program, plan, loss_fn
         self.data_parallel, self.timeout, self.trace_path = data_parallel, timeout, trace_path
         args, kwargs = as_call(example_inputs)
-        specs = trace_boundaries(split, split.flatten_inputs(args, kwargs))
+        specs = trace_boundaries(split, split.flatten_inputs(args, kwargs), self.precision)
         self._splitter = BatchSplitter(split.input_names, split.flatten_inputs, specs.model_inputs,
                                        program.microbatches)
         self.distributed = join_from_env(DEFAULT_TIMEOUT * 2)
         self.executor: LocalExecutor | DistributedExecutor
         if self.distributed:
             self.executor = DistributedExecutor(program, split, loss_fn, specs, data_parallel, timeout, lookahead,
-                                                seed, shard_optimizer)
+                                                seed, shard_optimizer, self.precision)
             self.rank = self.executor.rank
         elif shard_optimizer:
             raise ConfigError("shard_optimizer=True shards optimizer state over the processes holding copies of a "
                               "stage, and this pipeline runs in one process: launch devices x data_parallel processes "
                               "(torchrun, bitpipe_fx.runtime.launch, or bitpipe-fx train without --local) or drop it")
         else:
-            self.executor = LocalExecutor(program, split, loss_fn, specs, data_parallel, seed)
+            self.executor = LocalExecutor(program, split, loss_fn, specs, data_parallel, seed, self.precision)
             self.rank = 0
         self._state_keys, self._canonical = state_names or ([], {})
         self._source = source  # the compiled model: its class and config for a Hugging Face export
@@ -336,6 +339,7 @@ def compile(
     seed: int = 0,
     on_nonfinite: str = "raise",
     shard_optimizer: bool = False,
+    precision: str = "fp32",
     **schedule_options: object,
 ) -> CompiledPipeline:
     """Capture, partition, split and schedule ``model``; returns a pipeline that trains it.
@@ -348,8 +352,11 @@ def compile(
     ``seed``: keys the random streams (dropout) of every micro-batch with the step number (runtime.rng), so
     results do not depend on the schedule; ``on_nonfinite``: "raise" (NonFiniteError) or "skip" (drop that
     step's update on every rank and count it in ``skipped_steps``); ``shard_optimizer``: ZeRO-1, each rank keeps
-    optimizer state only for its shard of every stage it holds (runtime.zero; needs torch.distributed).
+    optimizer state only for its shard of every stage it holds (runtime.zero; needs torch.distributed);
+    ``precision``: "fp32" or "bf16-mixed" (fp32 master weights, gradients and optimizer state; stages
+    computed under bf16 autocast, activations sent in bf16; runtime.precision).
     """
+    precision_of(precision)  # a wrong value is refused before the model is captured
     if isinstance(plan, (str, Path)):
         plan = Plan.load(plan)
     spec, devices, microbatches = compile_settings(plan, schedule, devices, microbatches, schedule_options)
@@ -366,7 +373,7 @@ def compile(
     return CompiledPipeline(
         split, plan.program, loss_fn, example_inputs, optimizer=optimizer, data_parallel=data_parallel, plan=plan,
         timeout=timeout, trace_path=trace_path, state_names=_state_names(model), source=model, seed=seed,
-        on_nonfinite=on_nonfinite, shard_optimizer=shard_optimizer,
+        on_nonfinite=on_nonfinite, shard_optimizer=shard_optimizer, precision=precision,
     )
 
 

@@ -45,6 +45,8 @@ CASES = [
     ([*TINY, "--dtype", "float16"], "dtype 'float16' is not supported"),
     ([*TINY, "--local", "--data-parallel", "2", "--batch-size", "8"], "--local runs every device in one process"),
     (["--steps", "0"], "--steps must be a positive integer, got 0"),
+    ([*TINY, "--precision", "fp16"], "--precision must be one of fp32, bf16-mixed, got 'fp16'"),
+    ([*TINY, "--precision", "bf16-mixed", "--dtype", "float64"], "--precision bf16-mixed keeps float32 master"),
 ]
 
 

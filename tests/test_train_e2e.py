@@ -129,3 +129,12 @@ def test_a_non_finite_step_stops_the_run_in_one_line_and_keeps_the_last_good_che
                           capture_output=True, text=True, timeout=240, env=ENV)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert json.loads((tmp_path / "skip" / "metrics.json").read_text())["skipped_steps"] == [2, 3, 4]
+
+
+def test_bf16_mixed_run_trains_and_agrees_with_the_fp32_reference_loosely(tmp_path):
+    proc = _train(tmp_path, "--steps", "3", "--compare-steps", "3", "--precision", "bf16-mixed")
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["config"]["precision"] == "bf16-mixed"
+    reference = metrics["reference"]
+    assert reference["agree"] and 0 < reference["max_rel_diff"] <= 5e-2, reference  # bf16 compute: not exact
+    assert "losses agree" in proc.stdout and "tolerance 5e-02" in proc.stdout

@@ -20,6 +20,7 @@ from bitpipe_fx.errors import PipelineRuntimeError
 from bitpipe_fx.passes.stages import LossFn, RunningStat, SplitModel, StageSpec, Targets
 from bitpipe_fx.runtime import rng, splitbw
 from bitpipe_fx.runtime.buffers import RunningStats
+from bitpipe_fx.runtime.precision import FP32, Precision
 from bitpipe_fx.schedules.ir import Placement
 
 
@@ -105,9 +106,10 @@ class Chunk:
         last: bool,
         loss_fn: LossFn,
         unflatten_output: Callable[[Sequence[torch.Tensor]], object],
+        precision: Precision = FP32,
     ) -> None:
         self.pipe, self.stage, self.replica, self.spec, self.last = pipe, stage, replica, spec, last
-        self.loss_fn, self.unflatten_output = loss_fn, unflatten_output
+        self.loss_fn, self.unflatten_output, self.precision = loss_fn, unflatten_output, precision
         self.saved: dict[int, _Saved] = {}
         self.splitter = splitbw.StageSplitter(replica.trainable)
 
@@ -148,11 +150,14 @@ class Chunk:
             return self._call(model_inputs, received)
 
     def _call(self, model_inputs: Sequence[torch.Tensor], received: Sequence[torch.Tensor]) -> tuple:
-        out = self.replica.module(*model_inputs, *received)
-        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+        with self.precision.compute(self.replica.device):
+            out = self.replica.module(*model_inputs, *received)
+        out = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+        return out if self.last else self.precision.wire(out)
 
     def _loss(self, out: tuple, target: Targets, scale: float) -> torch.Tensor:
-        loss = self.loss_fn(self.unflatten_output(out), target)
+        with self.precision.compute(self.replica.device):
+            loss = self.loss_fn(self.unflatten_output(out), target)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise PipelineRuntimeError(
                 f"loss_fn must return a scalar tensor, got {type(loss).__name__}"
@@ -204,10 +209,12 @@ class Chunk:
 
 
 def build_device(
-    split: SplitModel, placement: Placement, device: int, loss_fn: LossFn, pad_to: Mapping[int, int] | None = None
+    split: SplitModel, placement: Placement, device: int, loss_fn: LossFn, pad_to: Mapping[int, int] | None = None,
+    precision: Precision = FP32,
 ) -> tuple[dict[int, StageReplica], dict[tuple[int, int], Chunk]]:
     """Private copies of the stages ``device`` holds (one per stage) and its chunks over them; ``pad_to``: stage ->
-    the size of its copy group, when the optimizer state is sharded (flat parameter buffers, runtime.zero)."""
+    the size of its copy group, when the optimizer state is sharded (flat parameter buffers, runtime.zero);
+    ``precision``: what the chunks compute in and send (runtime.precision)."""
     replicas: dict[int, StageReplica] = {}
     chunks: dict[tuple[int, int], Chunk] = {}
     last = split.num_stages - 1
@@ -216,6 +223,7 @@ def build_device(
             replicas[stage] = StageReplica(stage, copy.deepcopy(split.stages[stage]), split.specs[stage].running_stats,
                                            split.unused, None if pad_to is None else pad_to[stage])
         chunks[(pipe, stage)] = Chunk(
-            pipe, stage, replicas[stage], split.specs[stage], stage == last, loss_fn, split.unflatten_output
+            pipe, stage, replicas[stage], split.specs[stage], stage == last, loss_fn, split.unflatten_output,
+            precision,
         )
     return replicas, chunks

@@ -25,6 +25,7 @@ from bitpipe_fx.runtime.group import check_world
 from bitpipe_fx.runtime.interpreter import DeviceInterpreter, forward_only
 from bitpipe_fx.runtime.nonfinite import Finding, earliest
 from bitpipe_fx.runtime.p2p import P2P
+from bitpipe_fx.runtime.precision import FP32, Precision
 from bitpipe_fx.runtime.predict import PredictInterpreter, share
 from bitpipe_fx.runtime.specs import BoundarySpecs, TensorSpec
 from bitpipe_fx.runtime.timeline import Recorder, merge
@@ -64,6 +65,7 @@ class DistributedExecutor:
         lookahead: int = 4,
         seed: int = 0,
         shard_optimizer: bool = False,
+        precision: Precision = FP32,
     ) -> None:
         self.program, self.dp, self.timeout, self.seed = program, data_parallel, timeout, seed
         self.rank, self.world = check_world(program.devices, data_parallel)
@@ -77,7 +79,8 @@ class DistributedExecutor:
         }
         place = program.placement
         pad_to = {s: len(replica_ranks(place, s, data_parallel)) for s in range(program.stages)}
-        replicas, chunks = build_device(split, place, self.device, loss_fn, pad_to if shard_optimizer else None)
+        replicas, chunks = build_device(split, place, self.device, loss_fn, pad_to if shard_optimizer else None,
+                                        precision)
         self.local_replicas = replicas
         sync = ShardedSync if shard_optimizer else GradSync
         self.gradsync = sync(place, data_parallel, replicas, split.shared, shared_specs, timeout)

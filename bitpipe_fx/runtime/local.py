@@ -19,6 +19,7 @@ from bitpipe_fx.runtime.buffers import replay_in_process
 from bitpipe_fx.runtime.chunk import StageReplica, build_device
 from bitpipe_fx.runtime.interpreter import DeviceInterpreter, forward_only
 from bitpipe_fx.runtime.nonfinite import Finding, earliest
+from bitpipe_fx.runtime.precision import FP32, Precision
 from bitpipe_fx.runtime.predict import PredictInterpreter
 from bitpipe_fx.runtime.specs import BoundarySpecs, check_message
 from bitpipe_fx.runtime.timeline import Recorder, merge
@@ -59,6 +60,7 @@ class LocalExecutor:
         specs: BoundarySpecs,
         data_parallel: int = 1,
         seed: int = 0,
+        precision: Precision = FP32,
     ) -> None:
         if data_parallel != 1:
             raise ConfigError(
@@ -74,7 +76,7 @@ class LocalExecutor:
         self._predict: list[PredictInterpreter] = []
         fwd = forward_only(program)
         for d in range(program.devices):
-            replicas, chunks = build_device(split, program.placement, d, loss_fn)
+            replicas, chunks = build_device(split, program.placement, d, loss_fn, precision=precision)
             self.device_replicas.append(replicas)
             self._train.append(DeviceInterpreter(d, program, chunks, self.mailbox, lambda r: None))
             self._eval.append(DeviceInterpreter(d, fwd, chunks, self.mailbox, lambda r: None))

@@ -15,6 +15,7 @@ from bitpipe_fx.errors import ConfigError, PipelineRuntimeError
 from bitpipe_fx.passes.graph_form import buffers_kept
 from bitpipe_fx.passes.stages import SplitModel
 from bitpipe_fx.runtime import rng
+from bitpipe_fx.runtime.precision import FP32, Precision
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,10 @@ def check_stage_contract(split: SplitModel) -> None:
             )
 
 
-def trace_boundaries(split: SplitModel, flat_inputs: Sequence[torch.Tensor]) -> BoundarySpecs:
-    """Run one micro-batch through all stages without grad and record every stage's output specs."""
+def trace_boundaries(split: SplitModel, flat_inputs: Sequence[torch.Tensor], precision: Precision = FP32
+                     ) -> BoundarySpecs:
+    """Run one micro-batch through all stages without grad and record every stage's output specs (as they
+    travel under ``precision``)."""
     check_stage_contract(split)
     by_name = dict(zip(split.input_names, flat_inputs))
     received: tuple[torch.Tensor, ...] = ()
@@ -76,8 +79,10 @@ def trace_boundaries(split: SplitModel, flat_inputs: Sequence[torch.Tensor]) -> 
     device = rng.device_of(split.stages[0])
     with torch.no_grad(), rng.preserved(device), buffers_kept(*split.stages):  # shared with the caller's model
         for stage, spec in zip(split.stages, split.specs):
-            out = stage(*(by_name[n] for n in spec.model_inputs), *received)
+            with precision.compute(device):
+                out = stage(*(by_name[n] for n in spec.model_inputs), *received)
             out = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+            out = out if spec.index + 1 == split.num_stages else precision.wire(out)
             if len(out) != len(spec.outputs):
                 raise ConfigError(
                     f"stage {spec.index} returned {len(out)} values but its spec lists {len(spec.outputs)} "

@@ -86,6 +86,8 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> 
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even when GPUs are present")
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads per process")
     p.add_argument("--timeout", type=float, default=d.timeout, help="seconds before a stalled rank is an error")
+    p.add_argument("--precision", default=d.precision, help="fp32, or bf16-mixed (fp32 master weights, bf16 compute "
+                   "and activations)")
     p.add_argument("--on-nonfinite", choices=("raise", "skip"), default=d.on_nonfinite,
                    help="a NaN/inf loss or gradient stops the run (raise) or drops that step's update (skip)")
     p.add_argument("--shard-optimizer", action="store_true",
@@ -113,7 +115,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         overwrite=args.overwrite, eval_every=args.eval_every, eval_batches=args.eval_batches,
         save_every=args.save_every, record_step=args.record_step, compare_steps=args.compare_steps,
         local=args.local, cpu=args.cpu, threads=args.threads, timeout=args.timeout, on_nonfinite=args.on_nonfinite,
-        shard_optimizer=args.shard_optimizer,
+        shard_optimizer=args.shard_optimizer, precision=args.precision,
     )
 
 

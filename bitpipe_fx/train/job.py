@@ -13,6 +13,7 @@ from typing import Any
 
 from bitpipe_fx.errors import ConfigError
 from bitpipe_fx.optim.registry import OPTIMIZERS
+from bitpipe_fx.runtime.precision import PRECISIONS
 
 MODELS = {"gpt": "bitpipe_fx.examples.models:gpt", "bert": "bitpipe_fx.examples.models:bert"}
 # sizes of the built-in models for real (byte-level) training; --arg KEY=VALUE overrides them
@@ -66,6 +67,7 @@ class TrainConfig:
     timeout: float = 60.0
     on_nonfinite: str = "raise"
     shard_optimizer: bool = False
+    precision: str = "fp32"  # or "bf16-mixed" (runtime.precision)
 
     @property
     def rows_per_microbatch(self) -> int:
@@ -122,6 +124,11 @@ def check(cfg: TrainConfig) -> None:
         raise ConfigError("--resume continues the run in --out and --overwrite replaces it; pass one of them")
     if cfg.timeout <= 0:
         raise ConfigError(f"--timeout must be > 0 seconds, got {cfg.timeout}")
+    if cfg.precision not in PRECISIONS:
+        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+    if cfg.precision == "bf16-mixed" and cfg.dtype != "float32":
+        raise ConfigError(f"--precision bf16-mixed keeps float32 master weights; it needs --dtype float32, got "
+                          f"--dtype {cfg.dtype} (or drop --precision)")
     if cfg.local and cfg.shard_optimizer:
         raise ConfigError("--shard-optimizer shards optimizer state over the processes holding copies of a stage and "
                           "--local runs every device in one process; drop --local or --shard-optimizer")

@@ -23,6 +23,11 @@ from bitpipe_fx.train.job import TrainConfig, build_model, loss_fn, optimizer_fa
 TOLERANCE = {"float64": 1e-9, "float32": 1e-4, "bfloat16": 5e-2}
 
 
+def tolerance(cfg: TrainConfig) -> float:
+    """How close the pipelined losses must be to the float reference's (bf16-mixed: as bfloat16)."""
+    return TOLERANCE["bfloat16" if cfg.precision == "bf16-mixed" else cfg.dtype]
+
+
 def _rows(batch, n: int) -> list:
     if isinstance(batch, torch.Tensor):
         return list(batch.tensor_split(n))
@@ -90,4 +95,4 @@ class Agreement:
 def compare(cfg: TrainConfig, pipelined: Sequence[float], steps: int) -> Agreement:
     """Run the reference for ``steps`` steps and compare with the pipelined run's first losses."""
     steps = min(steps, len(pipelined))
-    return Agreement(tuple(pipelined[:steps]), tuple(reference_losses(cfg, steps)), TOLERANCE[cfg.dtype])
+    return Agreement(tuple(pipelined[:steps]), tuple(reference_losses(cfg, steps)), tolerance(cfg))
