@@ -68,7 +68,7 @@ def fastest(
     """The first of the fastest candidates as a Program: simulated under ``costs``, else replayed with ``unit``."""
     programs = [assemble(name, placement, pipe_of, orders) for orders in candidates]
     if costs is None:
-        times = [makespan(placement, orders, unit) for orders in candidates]
+        times = [makespan(placement, orders, unit, pipe_of) for orders in candidates]
     else:
         times = [engine.simulate(program, costs).makespan for program in programs]
     return programs[times.index(min(times))]

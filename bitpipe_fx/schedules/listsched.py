@@ -13,7 +13,8 @@ from heapq import heappop, heappush
 from typing import NamedTuple
 
 from bitpipe_fx.errors import ScheduleError
-from bitpipe_fx.schedules.deps import Key, dependents, needs, provides
+from bitpipe_fx.schedules.depgraph import ActionGraph, action_graph
+from bitpipe_fx.schedules.deps import Key, needs, provides
 from bitpipe_fx.schedules.ir import Action, Placement
 
 
@@ -88,31 +89,32 @@ Admit = Callable[[Action, State], bool]  # may this (forward) action start now?
 
 
 class _Ready:
-    """One device's candidates whose inputs are ready: a heap by (priority, action), and its W's by age.
+    """One device's candidates whose inputs are ready: a heap by (priority, action id), and its W's by age.
 
-    Entries carry a shared ``alive`` cell so that a W taken through one heap is skipped in the other.
+    Action ids order like the actions (``depgraph``). Entries carry a shared ``alive`` cell so that a W taken
+    through one heap is skipped in the other.
     """
 
     def __init__(self) -> None:
-        self.heap: list[tuple[tuple, Action, list[bool]]] = []
-        self.w_heap: list[tuple[float, Action, list[bool]]] = []
+        self.heap: list[tuple[tuple, int, list[bool]]] = []
+        self.w_heap: list[tuple[float, int, list[bool]]] = []
         self.w_count = 0
 
-    def add(self, action: Action, at: float, priority: Priority) -> None:
+    def add(self, i: int, action: Action, at: float, priority: Priority) -> None:
         alive = [True]
-        heappush(self.heap, (priority(action, at), action, alive))
+        heappush(self.heap, (priority(action, at), i, alive))
         if action.kind == "W":
-            heappush(self.w_heap, (at, action, alive))
+            heappush(self.w_heap, (at, i, alive))
             self.w_count += 1
 
-    def take(self, admit: Admit | None, state: State, max_deferred_w: int | None) -> Action | None:
+    def take(self, graph: ActionGraph, admit: Admit | None, state: State, max_deferred_w: int | None) -> int | None:
         """The best admitted candidate (or, with ``max_deferred_w`` ready W's, the oldest W), or None."""
         heap, refused, best = self.heap, [], None
         while heap:
             entry = heappop(heap)
             if not entry[2][0]:
                 continue
-            if admit is None or admit(entry[1], state):
+            if admit is None or admit(graph.actions[entry[1]], state):
                 best = entry
                 break
             refused.append(entry)
@@ -126,7 +128,7 @@ class _Ready:
             while not best[2][0]:
                 best = heappop(self.w_heap)
         best[2][0] = False
-        if best[1].kind == "W":
+        if graph.actions[best[1]].kind == "W":
             self.w_count -= 1
         return best[1]
 
@@ -146,15 +148,19 @@ def list_schedule(
     lets in. With ``max_deferred_w``, a device that holds that many ready W actions runs the oldest one
     next, which bounds the activations kept alive by deferred weight-gradient work.
     """
-    stages, devices, table = placement.stages, placement.devices, placement.table
+    stages, devices = placement.stages, placement.devices
     costs.check_stages(stages)
-    duration = {k: tuple(costs.of(k, s) for s in range(stages)) for k in ("F", "B", "I", "W")}
+    graph = action_graph(placement, pipe_of, split)
+    actions, device, dependents = graph.actions, graph.device, graph.dependents
+    duration = _durations(graph, costs, stages)
     state = State()
     done = state.done
     ready = [_Ready() for _ in range(devices)]
+    left = [len(n) for n in graph.needs]  # needs of each action not yet started
+    ready_at = [0.0] * len(actions)  # the latest end among its started needs
     # candidates whose inputs are all started, by the time the last one ends (always an event time)
-    later: dict[float, list[Action]] = {0.0: [Action("F", p, 0, m) for m, p in enumerate(pipe_of)]}
-    remaining = len(pipe_of) * stages * (3 if split else 2)
+    later: dict[float, list[int]] = {0.0: list(graph.roots)}
+    remaining = len(actions)
     free = [0.0] * devices
     orders: list[list[Timed]] = [[] for _ in range(devices)]
     events, pending = [0.0], {0.0}  # future event times, as a heap and as a set
@@ -167,29 +173,32 @@ def list_schedule(
         now = heappop(events)
         pending.discard(now)
         state.time = now
-        for a in later.pop(now, ()):
-            ready[table[a.pipe][a.stage]].add(a, now, priority)
+        for i in later.pop(now, ()):
+            ready[device[i]].add(i, actions[i], now, priority)
         for d in range(devices):
             if free[d] > now or not ready[d].heap:
                 continue
-            a = ready[d].take(admit, state, max_deferred_w)
-            if a is None:
+            i = ready[d].take(graph, admit, state, max_deferred_w)
+            if i is None:
                 continue
             remaining -= 1
-            end = free[d] = now + duration[a.kind][a.stage]
-            orders[d].append(Timed(now, end, a))
+            end = free[d] = now + duration[i]
+            orders[d].append(Timed(now, end, actions[i]))
             times = [end]
-            for key in provides(a):
+            for key in graph.provides[i]:
                 done[key] = end
-                for nxt in dependents(key, stages, split):
-                    at = _ready_time(needs(nxt, stages), done)
-                    if at is None:
+                for j in dependents.get(key, ()):
+                    if end > ready_at[j]:
+                        ready_at[j] = end
+                    left[j] -= 1
+                    if left[j]:
                         continue
+                    at = ready_at[j]
                     times.append(at)
                     if at <= now:
-                        ready[table[nxt.pipe][nxt.stage]].add(nxt, at, priority)
+                        ready[device[j]].add(j, actions[j], at, priority)
                     else:
-                        later.setdefault(at, []).append(nxt)
+                        later.setdefault(at, []).append(j)
             for at in times:
                 if at not in pending:
                     pending.add(at)
@@ -197,23 +206,27 @@ def list_schedule(
     return tuple(tuple(o) for o in orders)
 
 
-def _ready_time(need: tuple[Key, ...], done: dict[Key, float]) -> float | None:
-    """When the last of ``need`` ends (``max`` of their ends), or None while one is not started."""
-    at = None
-    for key in need:
-        end = done.get(key)
-        if end is None:
-            return None
-        if at is None or end > at:
-            at = end
-    return at
+def _durations(graph: ActionGraph, costs: UnitCosts, stages: int) -> list[float]:
+    """Each action's time under ``costs``, by id."""
+    of = {(k, s): costs.of(k, s) for k in ("F", "B", "I", "W") for s in range(stages)}
+    return [of[a.kind, a.stage] for a in graph.actions]
 
 
-def makespan(placement: Placement, orders: Sequence[Sequence[Action]], costs: UnitCosts) -> float:
-    """Finish time of fixed per-device orders replayed with ``costs`` (free communication)."""
+def makespan(
+    placement: Placement, orders: Sequence[Sequence[Action]], costs: UnitCosts, pipe_of: Sequence[int] | None = None
+) -> float:
+    """Finish time of fixed per-device orders replayed with ``costs`` (free communication).
+
+    With ``pipe_of`` (the micro-batch -> pipe map the orders were made for) the replay reads each action's
+    needs and results from the shared ``depgraph`` instead of deriving them; the result is the same.
+    """
     stages = placement.stages
     costs.check_stages(stages)
-    duration = {k: tuple(costs.of(k, s) for s in range(stages)) for k in ("F", "B", "I", "W")}
+    duration = {(k, s): costs.of(k, s) for k in ("F", "B", "I", "W") for s in range(stages)}
+    split = any(a.kind == "W" for order in orders[:1] for a in order)
+    graph = action_graph(placement, pipe_of, split) if pipe_of is not None else None
+    index = graph.index if graph is not None else {}
+    graph_needs, graph_results = (graph.needs, graph.provides) if graph is not None else ((), ())
     done: dict[Key, float] = {}
     waiting: dict[Key, list[int]] = {}  # a missing result -> the devices blocked on it
     pos = [0] * len(orders)
@@ -221,25 +234,32 @@ def makespan(placement: Placement, orders: Sequence[Sequence[Action]], costs: Un
     runnable = list(range(len(orders)))
     while runnable:
         d = runnable.pop()
-        order = orders[d]
-        while pos[d] < len(order):
-            a = order[pos[d]]
-            start = free[d]
-            for key in needs(a, stages):
+        order, i, now = orders[d], pos[d], free[d]
+        while i < len(order):
+            a = order[i]
+            known = index.get(a)
+            if known is None:
+                need, made = needs(a, stages), provides(a)
+            else:
+                need, made = graph_needs[known], graph_results[known]
+            start, missing = now, None
+            for key in need:
                 end = done.get(key)
                 if end is None:
-                    waiting.setdefault(key, []).append(d)
+                    missing = key
                     break
                 if end > start:
                     start = end
-            else:
-                free[d] = start + duration[a.kind][a.stage]
-                for key in provides(a):
-                    done[key] = free[d]
-                    runnable.extend(waiting.pop(key, ()))
-                pos[d] += 1
-                continue
-            break
+            if missing is not None:
+                waiting.setdefault(missing, []).append(d)
+                break
+            now = start + duration[a.kind, a.stage]
+            for key in made:
+                done[key] = now
+                if key in waiting:
+                    runnable.extend(waiting.pop(key))
+            i += 1
+        pos[d], free[d] = i, now
     if any(p < len(o) for p, o in zip(pos, orders)):
         raise ScheduleError("cannot time these orders: they deadlock; run validate() on the program for details")
     return max(free, default=0.0)

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 from bitpipe_fx.errors import ScheduleError
 from bitpipe_fx.schedules.comm import Handoff, Wired, handoffs, message_of
-from bitpipe_fx.schedules.deps import Key, describe, needs, provides
+from bitpipe_fx.schedules.deps import Key, describe
 from bitpipe_fx.schedules.ir import Action, Program
 
 Mark = tuple[int, int]  # (device, step); step == len(actions) means "missing, should be on this device"
@@ -136,15 +136,15 @@ def _execution_problems(program: Program) -> list[tuple[Mark, str]]:
         d = runnable.pop()
         row = wiring[d]
         while step[d] < len(row):
-            a, inbound, outbound = row[step[d]]
+            _, need, made, inbound, outbound = row[step[d]]
             if _crosses(inbound) and inbound[0] not in sent:
                 waiting.setdefault((True, inbound[0]), []).append(d)
                 break
-            missing = next((k for k in needs(a, program.stages) if k not in done), None)
+            missing = next((k for k in need if k not in done), None)
             if missing is not None:
                 waiting.setdefault((False, missing), []).append(d)
                 break
-            for key in provides(a):
+            for key in made:
                 done.add(key)
                 runnable.extend(waiting.pop((False, key), ()))
             if _crosses(outbound):
@@ -163,12 +163,12 @@ def _crosses(handoff: Handoff | None) -> bool:
 
 
 def _stuck_reason(program: Program, wired: Wired, d: int, done: set[Key], sent: set[Key]) -> str:
-    op, inbound, _ = wired
+    op, need, _, inbound, _ = wired
     if _crosses(inbound) and inbound[0] not in sent:
         msg = message_of(inbound)
         return f"dev{d} blocks receiving {msg.kind}{msg.pipe}.{msg.stage}.{msg.microbatch} from dev{msg.src}"
     waiting = []
-    for key in needs(op, program.stages):
+    for key in need:
         if key not in done:
             owner = program.placement.device(key[1], key[2])
             waiting.append(f"{describe(key)} (dev{owner}{', later on this device' if owner == d else ''})")

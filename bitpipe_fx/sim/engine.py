@@ -17,7 +17,7 @@ from collections import deque
 
 from bitpipe_fx.errors import ScheduleError
 from bitpipe_fx.schedules.comm import Handoff, Wired, handoffs, message_of
-from bitpipe_fx.schedules.deps import ACTIVATION, Key, describe, needs, provides
+from bitpipe_fx.schedules.deps import ACTIVATION, Key, describe
 from bitpipe_fx.schedules.ir import COMPUTE_KINDS, Action, Program
 from bitpipe_fx.sim.cost import CostModel
 from bitpipe_fx.sim.report import SimReport, Span
@@ -42,14 +42,14 @@ def _steps(
     out = []
     for row in wiring:
         steps = []
-        for a, inbound, outbound in row:
+        for a, need, made, inbound, outbound in row:
             recv = inbound if inbound is not None and inbound[1] != inbound[2] else None
             send = outbound if outbound is not None and outbound[1] != outbound[2] else None
-            local = tuple(k for k in needs(a, S) if recv is None or k != recv[0])
+            local = need if recv is None else tuple(k for k in need if k != recv[0])
             duration = durations[a.kind][a.stage] if a.kind != "SYNC" else 0.0
             nbytes = _value_bytes(send[0], act_bytes) if send is not None else 0.0
             delay = cost.p2p_time(nbytes) if send is not None else 0.0
-            steps.append((a, local, recv, provides(a), send, duration, nbytes, delay))
+            steps.append((a, local, recv, made, send, duration, nbytes, delay))
         out.append(steps)
     return out
 
@@ -90,7 +90,7 @@ def simulate(program: Program, cost: CostModel | None = None) -> SimReport:
     queue = deque(range(D))
 
     def wake(wait: Wait) -> None:
-        for d in waiters.pop(wait, ()):
+        for d in waiters.pop(wait):
             blocked_on.pop(d, None)
             queue.append(d)
 
@@ -100,47 +100,58 @@ def simulate(program: Program, cost: CostModel | None = None) -> SimReport:
 
     while queue:
         d = queue.popleft()
-        row = steps[d]
-        while pos[d] < len(row):
-            op, local, recv, results, send, duration, nbytes, delay = row[pos[d]]
-            if op.kind == "SYNC":
-                _issue_sync(d, op, clock[d], sync_issued)
-                pos[d] += 1
+        row, i, now = steps[d], pos[d], clock[d]
+        while i < len(row):
+            op, local, recv, results, send, duration, nbytes, delay = row[i]
+            kind = op.kind
+            if kind == "SYNC":
+                _issue_sync(d, op, now, sync_issued)
+                i += 1
                 continue
             if recv is not None:
                 if recv[0] not in arrived:
                     block(d, (recv[0], recv))
                     break
-                clock[d] = max(clock[d], arrived[recv[0]])
-            _check_compute(d, op, results, ready, sync_issued)
-            missing = next((k for k in local if k not in ready), None)
+                now = max(now, arrived[recv[0]])
+            if (sync_issued and kind in ("B", "W")) or results[0] in ready or results[-1] in ready:
+                _check_compute(d, op, results, ready, sync_issued)  # raises: repeated work, or after SYNC
+            start, missing = now, None
+            for key in local:
+                at = ready.get(key)
+                if at is None:
+                    missing = key
+                    break
+                if at > start:
+                    start = at
             if missing is not None:
                 block(d, (missing, None))
                 break
-            start = max([clock[d], *(ready[k] for k in local)])
             end = start + duration
-            clock[d] = compute_end[d] = end
+            now = compute_end[d] = end
             busy[d] += end - start
             spans.append((d, start, end, op))
-            if op.kind == "F":
+            if kind == "F":
                 held[d] += 1
                 held_bytes[d] += act_bytes[op.stage]
                 peak[d] = max(peak[d], held[d])
                 peak_bytes[d] = max(peak_bytes[d], held_bytes[d])
-            elif op.kind in ("B", "W"):
+            elif kind in ("B", "W"):
                 held[d] -= 1
                 held_bytes[d] -= act_bytes[op.stage]
             for key in results:
                 ready[key] = end
-                wake((key, None))
+                if (key, None) in waiters:
+                    wake((key, None))
             if send is not None:
                 arrival = end + delay
                 spans.append((d, end, arrival, send))
                 bytes_moved += nbytes
                 n_messages += 1
                 arrived[send[0]] = arrival
-                wake((send[0], send))
-            pos[d] += 1
+                if (send[0], send) in waiters:
+                    wake((send[0], send))
+            i += 1
+        pos[d], clock[d] = i, now
 
     if any(pos[d] < len(steps[d]) for d in range(D)):
         raise ScheduleError(_deadlock_message(program, steps, pos, blocked_on))
@@ -154,7 +165,7 @@ def simulate(program: Program, cost: CostModel | None = None) -> SimReport:
                 spans.append((d, start, end, Action("SYNC", p, stage)))
             step_end[d] = max(step_end[d], end)
 
-    outbound = [out for row in wiring for _, _, out in row if out is not None]
+    outbound = [w.outbound for row in wiring for w in row if w.outbound is not None]
     chunks = [place.chunks(d) for d in range(D)]
     return SimReport(
         name=program.name,
