@@ -72,6 +72,20 @@ class Timed(NamedTuple):
     action: Action
 
 
+class ListSchedule(NamedTuple):
+    """A list schedule's per-device timed orders, and the makespan of those orders replayed (``makespan``)
+    with the same costs: the replay runs each action as soon as its device and inputs allow, ignoring the
+    admission rule, so it can finish earlier than the list schedule's own time."""
+
+    orders: tuple[tuple[Timed, ...], ...]
+    replayed: float
+    costs: UnitCosts  # the costs both were timed with
+
+    def actions(self) -> list[list[Action]]:
+        """The per-device orders without their times."""
+        return [[t.action for t in dev] for dev in self.orders]
+
+
 @dataclass
 class State:
     """What priority and admission rules may look at: the time, and when each started result (deps key) is ready."""
@@ -141,12 +155,13 @@ def list_schedule(
     split: bool = False,
     admit: Admit | None = None,
     max_deferred_w: int | None = None,
-) -> tuple[tuple[Timed, ...], ...]:
+) -> ListSchedule:
     """Per-device timed orders of a greedy list schedule of every micro-batch's F and B (or I and W).
 
     At every event time each free device starts its smallest ready ``(priority, action)`` that ``admit``
     lets in. With ``max_deferred_w``, a device that holds that many ready W actions runs the oldest one
-    next, which bounds the activations kept alive by deferred weight-gradient work.
+    next, which bounds the activations kept alive by deferred weight-gradient work. The replay of the
+    orders is timed along the way (each action's needs have started, so their replayed ends are known).
     """
     stages, devices = placement.stages, placement.devices
     costs.check_stages(stages)
@@ -162,6 +177,7 @@ def list_schedule(
     later: dict[float, list[int]] = {0.0: list(graph.roots)}
     remaining = len(actions)
     free = [0.0] * devices
+    replay_free, replay_done = [0.0] * devices, {}  # the replay's device clocks and result ends
     orders: list[list[Timed]] = [[] for _ in range(devices)]
     events, pending = [0.0], {0.0}  # future event times, as a heap and as a set
     while remaining:
@@ -184,9 +200,15 @@ def list_schedule(
             remaining -= 1
             end = free[d] = now + duration[i]
             orders[d].append(Timed(now, end, actions[i]))
+            start = replay_free[d]
+            for key in graph.needs[i]:
+                if replay_done[key] > start:
+                    start = replay_done[key]
+            replayed = replay_free[d] = start + duration[i]
             times = [end]
             for key in graph.provides[i]:
                 done[key] = end
+                replay_done[key] = replayed
                 for j in dependents.get(key, ()):
                     if end > ready_at[j]:
                         ready_at[j] = end
@@ -203,7 +225,7 @@ def list_schedule(
                 if at not in pending:
                     pending.add(at)
                     heappush(events, at)
-    return tuple(tuple(o) for o in orders)
+    return ListSchedule(tuple(tuple(o) for o in orders), max(replay_free, default=0.0), costs)
 
 
 def _durations(graph: ActionGraph, costs: UnitCosts, stages: int) -> list[float]:

@@ -20,10 +20,14 @@ Mark = tuple[int, int]  # (device, step); step == len(actions) means "missing, s
 _MAX_PROBLEMS = 8
 
 
-def validate(program: Program) -> None:
-    """Raise ScheduleError (with a marked device x step grid) unless ``program`` is a valid schedule."""
+def validate(program: Program, execute: bool = True) -> None:
+    """Raise ScheduleError (with a marked device x step grid) unless ``program`` is a valid schedule.
+
+    ``execute=False`` checks the structure only: for a caller that replays the program itself (the
+    simulator finds the same deadlocks) and calls ``validate`` again, in full, when that replay fails.
+    """
     problems = _structure_problems(program)
-    if not problems:
+    if not problems and execute:
         problems = _execution_problems(program)
     if problems:
         lines = [text for _, text in problems[:_MAX_PROBLEMS]]
@@ -134,23 +138,30 @@ def _execution_problems(program: Program) -> list[tuple[Mark, str]]:
     runnable = list(range(program.devices))
     while runnable:
         d = runnable.pop()
-        row = wiring[d]
-        while step[d] < len(row):
-            _, need, made, inbound, outbound = row[step[d]]
-            if _crosses(inbound) and inbound[0] not in sent:
+        row, i = wiring[d], step[d]
+        while i < len(row):
+            _, need, made, inbound, outbound = row[i]
+            if inbound is not None and inbound[1] != inbound[2] and inbound[0] not in sent:
                 waiting.setdefault((True, inbound[0]), []).append(d)
                 break
-            missing = next((k for k in need if k not in done), None)
+            missing = None
+            for key in need:
+                if key not in done:
+                    missing = key
+                    break
             if missing is not None:
                 waiting.setdefault((False, missing), []).append(d)
                 break
             for key in made:
                 done.add(key)
-                runnable.extend(waiting.pop((False, key), ()))
-            if _crosses(outbound):
+                if (False, key) in waiting:
+                    runnable.extend(waiting.pop((False, key)))
+            if outbound is not None and outbound[1] != outbound[2]:
                 sent.add(outbound[0])
-                runnable.extend(waiting.pop((True, outbound[0]), ()))
-            step[d] += 1
+                if (True, outbound[0]) in waiting:
+                    runnable.extend(waiting.pop((True, outbound[0])))
+            i += 1
+        step[d] = i
     return [
         ((d, step[d]), _stuck_reason(program, wiring[d][step[d]], d, done, sent))
         for d in range(program.devices)

@@ -8,13 +8,14 @@ activation and weight figures compare like for like across schedules.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from bitpipe_fx.errors import BitPipeError, ConfigError
-from bitpipe_fx.schedules import SCHEDULES, generate, validate
+from bitpipe_fx.errors import BitPipeError, ConfigError, ScheduleError
+from bitpipe_fx.schedules import SCHEDULES, Program, generate, validate
 from bitpipe_fx.schedules.spec import ScheduleSpec, make_spec, parse_spec, split_specs
 from bitpipe_fx.sim.cost import CostModel
 from bitpipe_fx.sim.engine import simulate
@@ -63,15 +64,34 @@ def run_one(spec: ScheduleSpec, devices: int, microbatches: int, cost: CostModel
     becomes an Outcome with its reason."""
     try:
         program = generate(spec.name, devices, microbatches, **spec.kwargs())
-        validate(program)
-        return Outcome(str(spec), simulate(program, cost.scaled(devices / program.stages)))
+        validate(program, execute=False)
+        return Outcome(str(spec), _simulate(program, cost.scaled(devices / program.stages)))
     except BitPipeError as exc:
         return Outcome(str(spec), None, str(exc))
 
 
+def _simulate(program: Program, cost: CostModel) -> SimReport:
+    """The simulated step of a structurally valid program; a replay that fails is explained by ``validate``."""
+    try:
+        return simulate(program, cost)
+    except ScheduleError:
+        validate(program)  # raises the marked grid of what deadlocks
+        raise
+
+
 def compare(specs: list[ScheduleSpec], devices: int, microbatches: int, cost: CostModel) -> list[Outcome]:
-    """Every schedule in ``specs`` on the same work (costs per 1/D of the model)."""
-    return [run_one(spec, devices, microbatches, cost) for spec in specs]
+    """Every schedule in ``specs`` on the same work (costs per 1/D of the model).
+
+    The cyclic garbage collector is paused meanwhile: generation and replay make hundreds of thousands of
+    small acyclic tuples, freed by reference counting, that it would otherwise rescan many times over.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return [run_one(spec, devices, microbatches, cost) for spec in specs]
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _fmt(x: float) -> str:

@@ -67,7 +67,8 @@ def simulate(program: Program, cost: CostModel | None = None) -> SimReport:
     act_bytes = cost.per_stage("activation_bytes", S)
     param_bytes = cost.per_stage("param_bytes", S)
     for d, acts in enumerate(program.device_actions):
-        for a in acts:
+        mine = set(place.chunks(d))
+        for a in (a for a in acts if (a.pipe, a.stage) not in mine):
             if not (0 <= a.pipe < program.pipes and 0 <= a.stage < S):
                 raise ScheduleError(f"{a} on device {d} names chunk ({a.pipe}, {a.stage}), which the placement "
                                     f"lacks ({program.pipes} pipes x {S} stages)")
@@ -112,8 +113,10 @@ def simulate(program: Program, cost: CostModel | None = None) -> SimReport:
                 if recv[0] not in arrived:
                     block(d, (recv[0], recv))
                     break
-                now = max(now, arrived[recv[0]])
-            if (sync_issued and kind in ("B", "W")) or results[0] in ready or results[-1] in ready:
+                if arrived[recv[0]] > now:
+                    now = arrived[recv[0]]
+            if (sync_issued and kind in ("B", "W") and (op.pipe, op.stage) in sync_issued) or results[0] in ready \
+                    or results[-1] in ready:
                 _check_compute(d, op, results, ready, sync_issued)  # raises: repeated work, or after SYNC
             start, missing = now, None
             for key in local:
@@ -133,8 +136,10 @@ def simulate(program: Program, cost: CostModel | None = None) -> SimReport:
             if kind == "F":
                 held[d] += 1
                 held_bytes[d] += act_bytes[op.stage]
-                peak[d] = max(peak[d], held[d])
-                peak_bytes[d] = max(peak_bytes[d], held_bytes[d])
+                if held[d] > peak[d]:
+                    peak[d] = held[d]
+                if held_bytes[d] > peak_bytes[d]:
+                    peak_bytes[d] = held_bytes[d]
             elif kind in ("B", "W"):
                 held[d] -= 1
                 held_bytes[d] -= act_bytes[op.stage]
