@@ -13,7 +13,6 @@ devices; a V turn (stage D-1 -> D on one device) is a local hand-off.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
 from bitpipe_fx.schedules.deps import ACTIVATION, INPUT_GRAD, Key, handoff_stage, needs, provides
 from bitpipe_fx.schedules.ir import Action, Program
@@ -56,16 +55,9 @@ Op = Action | Comm
 Handoff = tuple[Key, int, int]  # (result, source device, destination device) of a value between two chunks
 
 
-class Wired(NamedTuple):
-    """One action with its dependency keys and the values it takes from / hands to another chunk."""
-
-    action: Action
-    needs: tuple[Key, ...]  # deps.needs(action)
-    provides: tuple[Key, ...]  # deps.provides(action)
-    inbound: Handoff | None  # the need another chunk produces (src == dst for a local hand-off)
-    outbound: Handoff | None  # the result another chunk needs
-
-
+# one action, prepared once per program: (action, its needs, its results, the need another chunk produces
+# (src == dst for a local hand-off), the result another chunk needs); a plain tuple, read by unpacking
+Wired = tuple[Action, tuple[Key, ...], tuple[Key, ...], Handoff | None, Handoff | None]
 _WIRED: dict[int, tuple[Program, tuple[tuple[Wired, ...], ...]]] = {}  # id(program) -> (program, wiring)
 _WIRED_KEPT = 8
 
@@ -77,16 +69,17 @@ def handoffs(program: Program) -> tuple[tuple[Wired, ...], ...]:
     if hit is not None and hit[0] is program:
         return hit[1]
     table, stages = program.placement.table, program.stages
-    wiring = tuple(tuple(_wire(table, stages, a) for a in acts) for acts in program.device_actions)
+    wiring = []
+    for acts in program.device_actions:
+        row = []
+        for a in acts:
+            need, made = needs(a, stages), provides(a)
+            row.append((a, need, made, _inbound(table, a, need), _outbound(table, stages, made)))
+        wiring.append(tuple(row))
     if len(_WIRED) >= _WIRED_KEPT:
         del _WIRED[next(iter(_WIRED))]
-    _WIRED[id(program)] = (program, wiring)
-    return wiring
-
-
-def _wire(table: tuple[tuple[int, ...], ...], stages: int, action: Action) -> Wired:
-    need, made = needs(action, stages), provides(action)
-    return Wired(action, need, made, _inbound(table, action, need), _outbound(table, stages, made))
+    _WIRED[id(program)] = (program, tuple(wiring))
+    return _WIRED[id(program)][1]
 
 
 def message_of(handoff: Handoff) -> Message:

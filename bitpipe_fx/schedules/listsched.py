@@ -121,14 +121,16 @@ class _Ready:
             heappush(self.w_heap, (at, i, alive))
             self.w_count += 1
 
-    def take(self, graph: ActionGraph, admit: Admit | None, state: State, max_deferred_w: int | None) -> int | None:
+    def take(
+        self, actions: tuple[Action, ...], admit: Admit | None, state: State, max_deferred_w: int | None
+    ) -> int | None:
         """The best admitted candidate (or, with ``max_deferred_w`` ready W's, the oldest W), or None."""
         heap, refused, best = self.heap, [], None
         while heap:
             entry = heappop(heap)
             if not entry[2][0]:
                 continue
-            if admit is None or admit(graph.actions[entry[1]], state):
+            if admit is None or admit(actions[entry[1]], state):
                 best = entry
                 break
             refused.append(entry)
@@ -142,7 +144,7 @@ class _Ready:
             while not best[2][0]:
                 best = heappop(self.w_heap)
         best[2][0] = False
-        if graph.actions[best[1]].kind == "W":
+        if actions[best[1]].kind == "W":
             self.w_count -= 1
         return best[1]
 
@@ -166,12 +168,13 @@ def list_schedule(
     stages, devices = placement.stages, placement.devices
     costs.check_stages(stages)
     graph = action_graph(placement, pipe_of, split)
-    actions, device, dependents = graph.actions, graph.device, graph.dependents
+    actions, device, needs_of, provides_of = graph.actions, graph.device, graph.needs, graph.provides
+    dependents = graph.dependents
     duration = _durations(graph, costs, stages)
     state = State()
     done = state.done
     ready = [_Ready() for _ in range(devices)]
-    left = [len(n) for n in graph.needs]  # needs of each action not yet started
+    left = [len(n) for n in needs_of]  # needs of each action not yet started
     ready_at = [0.0] * len(actions)  # the latest end among its started needs
     # candidates whose inputs are all started, by the time the last one ends (always an event time)
     later: dict[float, list[int]] = {0.0: list(graph.roots)}
@@ -191,22 +194,24 @@ def list_schedule(
         state.time = now
         for i in later.pop(now, ()):
             ready[device[i]].add(i, actions[i], now, priority)
-        for d in range(devices):
-            if free[d] > now or not ready[d].heap:
+        for d, waiting in enumerate(ready):
+            if not waiting.heap or free[d] > now:
                 continue
-            i = ready[d].take(graph, admit, state, max_deferred_w)
+            i = waiting.take(actions, admit, state, max_deferred_w)
             if i is None:
                 continue
             remaining -= 1
             end = free[d] = now + duration[i]
             orders[d].append(Timed(now, end, actions[i]))
             start = replay_free[d]
-            for key in graph.needs[i]:
+            for key in needs_of[i]:
                 if replay_done[key] > start:
                     start = replay_done[key]
             replayed = replay_free[d] = start + duration[i]
-            times = [end]
-            for key in graph.provides[i]:
+            if end not in pending:
+                pending.add(end)
+                heappush(events, end)
+            for key in provides_of[i]:
                 done[key] = end
                 replay_done[key] = replayed
                 for j in dependents.get(key, ()):
@@ -216,15 +221,13 @@ def list_schedule(
                     if left[j]:
                         continue
                     at = ready_at[j]
-                    times.append(at)
                     if at <= now:
                         ready[device[j]].add(j, actions[j], at, priority)
                     else:
                         later.setdefault(at, []).append(j)
-            for at in times:
-                if at not in pending:
-                    pending.add(at)
-                    heappush(events, at)
+                    if at not in pending:
+                        pending.add(at)
+                        heappush(events, at)
     return ListSchedule(tuple(tuple(o) for o in orders), max(replay_free, default=0.0), costs)
 
 

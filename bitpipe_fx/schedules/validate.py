@@ -59,23 +59,26 @@ def _structure_problems(program: Program) -> list[tuple[Mark, str]]:
     seen: Seen = {}
     for d, acts in enumerate(program.device_actions):
         for i, a in enumerate(acts):
-            where, key = (d, i), (a.kind, a.pipe, a.stage, a.microbatch)
-            if not (0 <= a.pipe < pipes and 0 <= a.stage < stages):
-                problems.append((where, f"{a} on dev{d}: no chunk (pipe {a.pipe}, stage {a.stage}) in the placement"))
+            kind, pipe, stage, mb = a
+            if 0 <= pipe < pipes and 0 <= stage < stages and table[pipe][stage] == d and a not in seen and (
+                kind == "SYNC" or (0 <= mb < n and pipe_of[mb] == pipe)
+            ):
+                seen[a] = (d, i)  # the common case: one test; the others name what is wrong
                 continue
-            if a.kind != "SYNC" and not 0 <= a.microbatch < n:
-                problems.append((where, f"{a} on dev{d}: micro-batch {a.microbatch} outside 0..{n - 1}"))
+            where = (d, i)
+            if not (0 <= pipe < pipes and 0 <= stage < stages):
+                problems.append((where, f"{a} on dev{d}: no chunk (pipe {pipe}, stage {stage}) in the placement"))
                 continue
-            owner = table[a.pipe][a.stage]
+            if kind != "SYNC" and not 0 <= mb < n:
+                problems.append((where, f"{a} on dev{d}: micro-batch {mb} outside 0..{n - 1}"))
+                continue
+            owner = table[pipe][stage]
             if owner != d:
-                problems.append((where, f"{a} runs on dev{d} but chunk ({a.pipe}, {a.stage}) is placed on dev{owner}"))
-            elif a.kind != "SYNC" and pipe_of[a.microbatch] != a.pipe:
-                travels = pipe_of[a.microbatch]
-                problems.append((where, f"{a} on dev{d}: micro-batch {a.microbatch} travels pipe {travels}"))
-            elif key in seen:
-                problems.append((where, f"{a} on dev{d} step {i} duplicates step {seen[key][1]} of dev{seen[key][0]}"))
+                problems.append((where, f"{a} runs on dev{d} but chunk ({pipe}, {stage}) is placed on dev{owner}"))
+            elif kind != "SYNC" and pipe_of[mb] != pipe:
+                problems.append((where, f"{a} on dev{d}: micro-batch {mb} travels pipe {pipe_of[mb]}"))
             else:
-                seen[key] = where
+                problems.append((where, f"{a} on dev{d} step {i} duplicates step {seen[a][1]} of dev{seen[a][0]}"))
     if problems:
         return problems
     for m, p in enumerate(pipe_of):

@@ -90,6 +90,8 @@ def compare(specs: list[ScheduleSpec], devices: int, microbatches: int, cost: Co
     try:
         return [run_one(spec, devices, microbatches, cost) for spec in specs]
     finally:
+        gc.freeze()  # what survives leaves the young generation, which the next collection would scan in full
+        gc.unfreeze()
         if enabled:
             gc.enable()
 

@@ -170,7 +170,7 @@ def simulate(program: Program, cost: CostModel | None = None) -> SimReport:
                 spans.append((d, start, end, Action("SYNC", p, stage)))
             step_end[d] = max(step_end[d], end)
 
-    outbound = [w.outbound for row in wiring for w in row if w.outbound is not None]
+    outbound = [w[4] for row in wiring for w in row if w[4] is not None]
     chunks = [place.chunks(d) for d in range(D)]
     return SimReport(
         name=program.name,
