@@ -80,7 +80,8 @@ def simulate(program: Program, cost: CostModel | None = None) -> SimReport:
 
     ready: dict[Key, float] = {}  # a local result -> when its action ended
     arrived: dict[Key, float] = {}  # a cross-device value -> when it reached its destination
-    waiters: dict[Wait, list[int]] = {}
+    waiting_local: dict[Key, list[int]] = {}  # a local result -> the devices blocked on it
+    waiting_message: dict[Key, list[int]] = {}  # a cross-device value -> the devices blocked on its arrival
     blocked_on: dict[int, Wait] = {}
     pos, clock, busy, compute_end = [0] * D, [0.0] * D, [0.0] * D, [0.0] * D
     held, peak, held_bytes, peak_bytes = [0] * D, [0] * D, [0.0] * D, [0.0] * D
@@ -90,18 +91,15 @@ def simulate(program: Program, cost: CostModel | None = None) -> SimReport:
     n_messages = 0
     queue = deque(range(D))
 
-    def wake(wait: Wait) -> None:
-        for d in waiters.pop(wait):
+    def wake(waiting: dict[Key, list[int]], key: Key) -> None:
+        for d in waiting.pop(key):
             blocked_on.pop(d, None)
             queue.append(d)
 
-    def block(d: int, wait: Wait) -> None:
-        waiters.setdefault(wait, []).append(d)
-        blocked_on[d] = wait
-
     while queue:
         d = queue.popleft()
-        row, i, now = steps[d], pos[d], clock[d]
+        row, i, now, busy_d = steps[d], pos[d], clock[d], busy[d]
+        h, hb, top, top_bytes = held[d], held_bytes[d], peak[d], peak_bytes[d]
         while i < len(row):
             op, local, recv, results, send, duration, nbytes, delay = row[i]
             kind = op.kind
@@ -111,7 +109,8 @@ def simulate(program: Program, cost: CostModel | None = None) -> SimReport:
                 continue
             if recv is not None:
                 if recv[0] not in arrived:
-                    block(d, (recv[0], recv))
+                    waiting_message.setdefault(recv[0], []).append(d)
+                    blocked_on[d] = (recv[0], recv)
                     break
                 if arrived[recv[0]] > now:
                     now = arrived[recv[0]]
@@ -127,36 +126,39 @@ def simulate(program: Program, cost: CostModel | None = None) -> SimReport:
                 if at > start:
                     start = at
             if missing is not None:
-                block(d, (missing, None))
+                waiting_local.setdefault(missing, []).append(d)
+                blocked_on[d] = (missing, None)
                 break
             end = start + duration
-            now = compute_end[d] = end
-            busy[d] += end - start
+            now = end
+            busy_d += end - start
             spans.append((d, start, end, op))
             if kind == "F":
-                held[d] += 1
-                held_bytes[d] += act_bytes[op.stage]
-                if held[d] > peak[d]:
-                    peak[d] = held[d]
-                if held_bytes[d] > peak_bytes[d]:
-                    peak_bytes[d] = held_bytes[d]
+                h += 1
+                hb += act_bytes[op.stage]
+                if h > top:
+                    top = h
+                if hb > top_bytes:
+                    top_bytes = hb
             elif kind in ("B", "W"):
-                held[d] -= 1
-                held_bytes[d] -= act_bytes[op.stage]
+                h -= 1
+                hb -= act_bytes[op.stage]
             for key in results:
                 ready[key] = end
-                if (key, None) in waiters:
-                    wake((key, None))
+                if key in waiting_local:
+                    wake(waiting_local, key)
             if send is not None:
                 arrival = end + delay
                 spans.append((d, end, arrival, send))
                 bytes_moved += nbytes
                 n_messages += 1
                 arrived[send[0]] = arrival
-                if (send[0], send) in waiters:
-                    wake((send[0], send))
+                if send[0] in waiting_message:
+                    wake(waiting_message, send[0])
             i += 1
-        pos[d], clock[d] = i, now
+            compute_end[d] = end
+        pos[d], clock[d], busy[d] = i, now, busy_d
+        held[d], held_bytes[d], peak[d], peak_bytes[d] = h, hb, top, top_bytes
 
     if any(pos[d] < len(steps[d]) for d in range(D)):
         raise ScheduleError(_deadlock_message(program, steps, pos, blocked_on))
