@@ -105,30 +105,30 @@ Admit = Callable[[Action, State], bool]  # may this (forward) action start now?
 class _Ready:
     """One device's candidates whose inputs are ready: a heap by (priority, action id), and its W's by age.
 
-    Action ids order like the actions (``depgraph``). Entries carry a shared ``alive`` cell so that a W taken
-    through one heap is skipped in the other.
+    Action ids order like the actions (``depgraph``). ``taken`` (shared, by id) marks started actions, so a
+    W taken through one heap is skipped in the other; W's are kept by age only when ``track_w``.
     """
 
-    def __init__(self) -> None:
-        self.heap: list[tuple[tuple, int, list[bool]]] = []
-        self.w_heap: list[tuple[float, int, list[bool]]] = []
+    def __init__(self, taken: bytearray, track_w: bool) -> None:
+        self.heap: list[tuple[tuple, int]] = []
+        self.w_heap: list[tuple[float, int]] = []
         self.w_count = 0
+        self.taken, self.track_w = taken, track_w
 
     def add(self, i: int, action: Action, at: float, priority: Priority) -> None:
-        alive = [True]
-        heappush(self.heap, (priority(action, at), i, alive))
-        if action.kind == "W":
-            heappush(self.w_heap, (at, i, alive))
+        heappush(self.heap, (priority(action, at), i))
+        if self.track_w and action.kind == "W":
+            heappush(self.w_heap, (at, i))
             self.w_count += 1
 
     def take(
         self, actions: tuple[Action, ...], admit: Admit | None, state: State, max_deferred_w: int | None
     ) -> int | None:
         """The best admitted candidate (or, with ``max_deferred_w`` ready W's, the oldest W), or None."""
-        heap, refused, best = self.heap, [], None
+        heap, taken, refused, best = self.heap, self.taken, [], None
         while heap:
             entry = heappop(heap)
-            if not entry[2][0]:
+            if taken[entry[1]]:
                 continue
             if admit is None or admit(actions[entry[1]], state):
                 best = entry
@@ -138,15 +138,16 @@ class _Ready:
             heappush(heap, entry)
         if best is None:
             return None
+        i = best[1]
         if max_deferred_w is not None and self.w_count >= max_deferred_w:
             heappush(heap, best)
-            best = heappop(self.w_heap)
-            while not best[2][0]:
-                best = heappop(self.w_heap)
-        best[2][0] = False
-        if actions[best[1]].kind == "W":
+            i = heappop(self.w_heap)[1]
+            while taken[i]:
+                i = heappop(self.w_heap)[1]
+        taken[i] = 1
+        if self.track_w and actions[i].kind == "W":
             self.w_count -= 1
-        return best[1]
+        return i
 
 
 def list_schedule(
@@ -173,7 +174,8 @@ def list_schedule(
     duration = _durations(graph, costs, stages)
     state = State()
     done = state.done
-    ready = [_Ready() for _ in range(devices)]
+    taken = bytearray(len(actions))
+    ready = [_Ready(taken, max_deferred_w is not None) for _ in range(devices)]
     left = [len(n) for n in needs_of]  # needs of each action not yet started
     ready_at = [0.0] * len(actions)  # the latest end among its started needs
     # candidates whose inputs are all started, by the time the last one ends (always an event time)
