@@ -23,10 +23,10 @@ from bitpipe_fx import export
 from bitpipe_fx.compiler import build_plan, split_from_plan
 from bitpipe_fx.errors import ConfigError
 from bitpipe_fx.export import mode_values
-from bitpipe_fx.matching import compile_settings
+from bitpipe_fx.matching import check_cost_options, compile_settings
 from bitpipe_fx.passes.capture import tied_names
 from bitpipe_fx.passes.stages import Inputs, LossFn, SplitModel, Targets
-from bitpipe_fx.plan import Plan
+from bitpipe_fx.plan import DEFAULT_FLOP_RATE, Plan
 from bitpipe_fx.runtime import dcp as checkpoint_dcp
 from bitpipe_fx.runtime import nonfinite
 from bitpipe_fx.runtime.batch import BatchSplitter, as_call
@@ -340,6 +340,9 @@ def compile(
     on_nonfinite: str = "raise",
     shard_optimizer: bool = False,
     precision: str = "fp32",
+    flop_rate: float | None = None,
+    profile: bool = False,
+    network: Mapping[str, float] | None = None,
     **schedule_options: object,
 ) -> CompiledPipeline:
     """Capture, partition, split and schedule ``model``; returns a pipeline that trains it.
@@ -354,18 +357,22 @@ def compile(
     step's update on every rank and count it in ``skipped_steps``); ``shard_optimizer``: ZeRO-1, each rank keeps
     optimizer state only for its shard of every stage it holds (runtime.zero; needs torch.distributed);
     ``precision``: "fp32" or "bf16-mixed" (fp32 master weights, gradients and optimizer state; stages
-    computed under bf16 autocast, activations sent in bf16; runtime.precision).
+    computed under bf16 autocast, activations sent in bf16; runtime.precision); ``flop_rate``, ``profile`` and
+    ``network`` are build_plan's cost options (what ``bitpipe-fx inspect`` passes), so a generated program and
+    ``schedule="auto"``'s ranking are those inspect shows for the same options; with a plan, its own.
     """
     precision_of(precision)  # a wrong value is refused before the model is captured
     if isinstance(plan, (str, Path)):
         plan = Plan.load(plan)
     spec, devices, microbatches = compile_settings(plan, schedule, devices, microbatches, schedule_options)
+    check_cost_options(plan, flop_rate, profile, network)
     distributed = join_from_env(DEFAULT_TIMEOUT * 2)
     if plan is None:
         if distributed:  # before planning, so that a wrong world fails before the model is captured
             check_world(devices, data_parallel)
         plan, split = build_plan(model, example_inputs, spec.name, devices, microbatches, leaf_modules=leaf_modules,
-                                 **spec.kwargs())
+                                 flop_rate=DEFAULT_FLOP_RATE if flop_rate is None else flop_rate, profile=profile,
+                                 network=network, **spec.kwargs())
     else:
         split = split_from_plan(model, example_inputs, plan, leaf_modules=leaf_modules)
     if distributed:

@@ -15,25 +15,16 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
-from bitpipe_fx.errors import BitPipeError, ConfigError
+from bitpipe_fx.errors import BitPipeError
 from bitpipe_fx.passes.cost import CostTable
 from bitpipe_fx.plan import Plan
 from bitpipe_fx.planning import PartitionCache, base_plan, cut, with_costs
-from bitpipe_fx.ranking import Candidate, Search
+from bitpipe_fx.ranking import STATE_COPIES, Candidate, candidate_specs, rank
 from bitpipe_fx.schedules.ir import Program
-from bitpipe_fx.schedules.spec import ScheduleSpec, parse_bytes, parse_spec
+from bitpipe_fx.schedules.spec import ScheduleSpec, parse_bytes
 from bitpipe_fx.sim.engine import SimReport, simulate
 
 ORDER_OPTIONS = ("defer_w", "inflight")  # generator options that reorder actions but never change the placement
-STATE_COPIES = 4  # parameter + gradient + two optimizer-state tensors per parameter byte
-
-
-def candidate_specs(devices: int, microbatches: int) -> tuple[ScheduleSpec, ...]:
-    """Every family with the options worth searching, in a fixed order (earlier wins a tie)."""
-    texts = ["bitpipe:defer_w=true,inflight=1", "bitpipe:defer_w=true,inflight=2", "bitpipe:defer_w=false",
-             "bitpipe-paper", "zbv", "zbv:defer_w=0", "dualpipev", "chimera", "1f1b", "gpipe",
-             *(f"interleaved:chunks={v}" for v in (2, 4))]
-    return tuple(parse_spec(t) for t in texts)
 
 
 def peak_memory(plan: Plan, report: SimReport) -> tuple[float, ...]:
@@ -97,33 +88,6 @@ def _skeleton(layout: Program, fields: Mapping[str, object]) -> Plan:
 
 
 def _choose(rows: list[tuple[Candidate, int, Plan | None]], limit: float | None) -> Plan:
-    """Rank (fitting by step, then over-memory by peak, then pruned) and return the winner with the record."""
-    order = {"ok": 0, "over memory": 1, "pruned": 2}
-    rows.sort(key=lambda r: (order[r[0].status], r[0].peak if r[0].status == "over memory" else r[0].makespan,
-                             r[0].makespan, r[0].peak, r[1]))
-    ranked = tuple(r[0] for r in rows)
-    if not ranked:
-        raise ConfigError("schedule='auto' found no schedule family that runs at these devices and micro-batches; "
-                          "use an even number of devices and a multiple of devices as micro-batches")
-    if ranked[0].status != "ok":
-        simulated = [c for c in ranked if c.status == "over memory"]
-        smallest = min(simulated, key=lambda c: c.peak)
-        raise ConfigError(
-            f"no schedule fits memory_limit={limit:.6g} bytes: the smallest predicted peak is {smallest.peak:.6g} "
-            f"bytes ({smallest.spec}); raise the limit, use more devices or fewer micro-batches in flight"
-        )
-    win = ranked[0]
-    reason = f"{win.spec} wins with the shortest predicted step ({win.makespan:.4g} s)"
-    others = [c for c in ranked[1:] if c.status == "ok"]
-    if others:
-        reason += f", {100 * (others[0].makespan / win.makespan - 1):.1f}% ahead of {others[0].spec}"
-    over = [c for c in ranked if c.status == "over memory"]
-    if over:
-        fastest = min(over, key=lambda c: c.makespan)
-        reason += (f"; {len(over)} exceed the limit (the fastest of those, {fastest.spec} at {fastest.makespan:.4g}"
-                   f" s, peaks at {fastest.peak:.4g} B)")
-    pruned = sum(c.status == "pruned" for c in ranked)
-    if pruned:
-        reason += f"; {pruned} pruned (their slowest device's compute alone exceeds a fitting candidate's step)"
-    plan = rows[0][2]
-    return replace(plan, search=Search(ranked, limit, reason))  # type: ignore[arg-type]
+    """The winner's plan with the search record (``ranking.rank``)."""
+    search, winner = rank([(c, index) for c, index, _ in rows], limit)
+    return replace(rows[winner][2], search=search)  # type: ignore[arg-type]  # the winner was simulated

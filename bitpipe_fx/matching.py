@@ -82,6 +82,23 @@ def compile_settings(
     return planned, plan.devices, plan.microbatches
 
 
+def check_cost_options(
+    plan: Plan | None, flop_rate: float | None, profile: bool, network: Mapping[str, float] | None
+) -> None:
+    """Refuse cost options that a given plan contradicts: it was costed and scheduled already."""
+    if plan is None:
+        return
+    if flop_rate is not None and float(flop_rate) != plan.flop_rate:
+        raise ConfigError(f"flop_rate={flop_rate:g} conflicts with the plan's flop_rate={plan.flop_rate:g}; drop "
+                          "flop_rate= or make a new plan with it")
+    if network is not None and {k: float(v) for k, v in network.items()} != plan.network:
+        raise ConfigError(f"network={dict(network)!r} conflicts with the plan's network={plan.network!r}; drop "
+                          "network= or make a new plan with it")
+    if profile:
+        raise ConfigError("profile=True measures stage times to make a plan, but a plan was given; drop profile= "
+                          "or the plan (bitpipe-fx partition --profile saves a profiled plan)")
+
+
 def _auto_chose(given: ScheduleSpec, plan: Plan) -> bool:
     """Whether ``plan`` is what ``given`` = auto[:memory_limit=...] searched for (the same limit)."""
     if given.name != AUTO or plan.search is None:

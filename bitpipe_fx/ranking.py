@@ -1,12 +1,26 @@
-"""The record of a ``schedule="auto"`` search: every candidate's predicted step, bubble and peak memory,
-the memory limit, the winner and why it won. A value with a text table and an exact JSON round-trip, kept
-in the Plan so a saved plan shows (and reproduces) the choice.
+"""The record of a ``schedule="auto"`` search and its ranking rule: every candidate's predicted step, bubble
+and peak memory, the memory limit, the winner and why it won. A value with a text table and an exact JSON
+round-trip, kept in the Plan so a saved plan shows (and reproduces) the choice; ``bitpipe-fx simulate
+--schedule auto`` ranks with the same rule. Pure Python (no torch).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+from bitpipe_fx.errors import ConfigError
+from bitpipe_fx.schedules.spec import ScheduleSpec, parse_spec
+
+STATE_COPIES = 4  # parameter + gradient + two optimizer-state tensors per parameter byte
+
+
+def candidate_specs(devices: int, microbatches: int) -> tuple[ScheduleSpec, ...]:
+    """Every family with the options worth searching, in a fixed order (earlier wins a tie)."""
+    texts = ["bitpipe:defer_w=true,inflight=1", "bitpipe:defer_w=true,inflight=2", "bitpipe:defer_w=false",
+             "bitpipe-paper", "zbv", "zbv:defer_w=0", "dualpipev", "chimera", "1f1b", "gpipe",
+             *(f"interleaved:chunks={v}" for v in (2, 4))]
+    return tuple(parse_spec(t) for t in texts)
 
 
 @dataclass(frozen=True)
@@ -49,7 +63,7 @@ class Search:
         """Lines of the ranking table for ``Plan.summary``."""
         limit = "no memory limit" if self.memory_limit is None else f"memory limit {_b(self.memory_limit)}"
         lines = [f"auto: {len(self.candidates)} candidates, {limit}; {self.reason}",
-                 f"{'rank':>4} {'schedule':<32} {'step s':>10} {'bubble':>7} {'peak B':>8}  "
+                 f"{'rank':>4} {'schedule':<32} {'step':>10} {'bubble':>7} {'peak B':>8}  "
                  f"{'status':<11} peak B per device"]
         for i, c in enumerate(self.candidates, 1):
             per_device = " ".join(_b(b) for b in c.peak_bytes)
@@ -67,6 +81,45 @@ class Search:
         limit = data.get("memory_limit")
         return cls(tuple(Candidate.from_dict(c) for c in data["candidates"]),
                    None if limit is None else float(limit), str(data["reason"]))
+
+
+def rank(rows: Sequence[tuple[Candidate, int]], limit: float | None, unit: str = "s") -> tuple[Search, int]:
+    """The search record of ``rows`` (each a candidate and its place in the search order, which breaks ties)
+    and the position in ``rows`` of the winner: fitting candidates by step, then over-memory ones by peak,
+    then pruned ones. ConfigError when there is no candidate, or none fits ``limit`` (naming the smallest
+    peak). ``unit`` names the time unit in the reason."""
+    order = {"ok": 0, "over memory": 1, "pruned": 2}
+    by_rank = sorted(range(len(rows)), key=lambda k: (
+        order[rows[k][0].status], rows[k][0].peak if rows[k][0].status == "over memory" else rows[k][0].makespan,
+        rows[k][0].makespan, rows[k][0].peak, rows[k][1]))
+    ranked = tuple(rows[k][0] for k in by_rank)
+    if not ranked:
+        raise ConfigError("schedule='auto' found no schedule family that runs at these devices and micro-batches; "
+                          "use an even number of devices and a multiple of devices as micro-batches")
+    if ranked[0].status != "ok":
+        smallest = min((c for c in ranked if c.status == "over memory"), key=lambda c: c.peak)
+        raise ConfigError(
+            f"no schedule fits memory_limit={limit:.6g} bytes: the smallest predicted peak is {smallest.peak:.6g} "
+            f"bytes ({smallest.spec}); raise the limit, use more devices or fewer micro-batches in flight"
+        )
+    return Search(ranked, limit, _reason(ranked, unit)), by_rank[0]
+
+
+def _reason(ranked: tuple[Candidate, ...], unit: str) -> str:
+    win = ranked[0]
+    reason = f"{win.spec} wins with the shortest predicted step ({win.makespan:.4g} {unit})"
+    others = [c for c in ranked[1:] if c.status == "ok"]
+    if others:
+        reason += f", {100 * (others[0].makespan / win.makespan - 1):.1f}% ahead of {others[0].spec}"
+    over = [c for c in ranked if c.status == "over memory"]
+    if over:
+        fastest = min(over, key=lambda c: c.makespan)
+        reason += (f"; {len(over)} exceed the limit (the fastest of those, {fastest.spec} at {fastest.makespan:.4g}"
+                   f" {unit}, peaks at {fastest.peak:.4g} B)")
+    pruned = sum(c.status == "pruned" for c in ranked)
+    if pruned:
+        reason += f"; {pruned} pruned (their slowest device's compute alone exceeds a fitting candidate's step)"
+    return reason
 
 
 def _b(x: float) -> str:

@@ -131,28 +131,72 @@ def estimate_costs(captured: Captured) -> CostTable:
 
 
 class _Propagate(fx.Interpreter):
-    """Runs the graph once, keeping each node's output (shape carrier) and counted FLOPs."""
+    """Runs the graph once, keeping each node's output (shape carrier) and counted FLOPs.
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+    Each distinct aten call (op, argument structure, tensor shapes, dtypes and strides, other values) is
+    counted once: a 96-layer model repeats one layer's few dozen calls. On fake tensors (``reuse``) a repeated
+    call also takes the first one's output, which carries the same shapes, instead of running again, unless
+    the op or a user of its output writes in place.
+    """
+
+    def __init__(self, gm: fx.GraphModule, reuse: bool) -> None:
         super().__init__(gm, garbage_collect_values=False)
         self.flops: dict[fx.Node, int] = {}
+        self.known: dict[tuple, tuple[int, Any]] = {}  # signature -> (FLOPs, output when reusable, else None)
+        self.reuse = reuse
 
     def run_node(self, n: fx.Node) -> Any:
         if n.op in ("placeholder", "get_attr", "output") or n.target == TRAINING_FLAG:
             return super().run_node(n)
-        with FlopCounterMode(display=False) as counter:
-            out = super().run_node(n)
-        self.flops[n] = counter.get_total_flops()
-        return out
+        with self._set_current_node(n):
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            key = _signature(n, args, kwargs)
+            reusable = self.reuse and key is not None and not _writes(n)
+            if key in self.known:
+                self.flops[n], out = self.known[key]
+                if reusable and out is not None:
+                    return out
+                return getattr(self, n.op)(n.target, args, kwargs)
+            with FlopCounterMode(display=False) as counter:
+                out = getattr(self, n.op)(n.target, args, kwargs)
+            self.flops[n] = counter.get_total_flops()
+            if key is not None:
+                self.known[key] = (self.flops[n], out if reusable else None)
+            return out
+
+
+def _writes(node: fx.Node) -> bool:
+    """Whether ``node`` or a user of its output updates a value in place."""
+    return bool(_mutated_args(node)) or any(node in _mutated_args(user) for user in node.users)
+
+
+_PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
+
+
+def _signature(node: fx.Node, args: tuple, kwargs: dict) -> tuple | None:
+    """What an aten op's FLOPs depend on: the op, its argument structure, tensor shapes and dtypes, other
+    values; None for anything else (modules, Python functions, values without a plain form)."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return None
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    key: list[object] = [node.target, str(spec)]
+    for x in leaves:
+        if isinstance(x, torch.Tensor):
+            key.append((tuple(x.shape), x.dtype, tuple(x.stride())))
+        elif isinstance(x, _PLAIN):
+            key.append((type(x), x))
+        else:
+            return None
+    return tuple(key)
 
 
 def _propagate(captured: Captured) -> tuple[dict[fx.Node, Any], dict[fx.Node, int]]:
-    interp = _Propagate(captured.graph_module)
+    interp = _Propagate(captured.graph_module, reuse=True)
     try:
         with torch.no_grad(), buffers_kept(captured.graph_module), FakeTensorMode(allow_non_fake_inputs=True) as mode:
             interp.run(*(mode.from_tensor(t) for t in captured.example_inputs))
     except Exception:
-        interp = _Propagate(captured.graph_module)
+        interp = _Propagate(captured.graph_module, reuse=False)
         with torch.no_grad(), buffers_kept(captured.graph_module):
             interp.run(*captured.example_inputs)
     return interp.env, interp.flops

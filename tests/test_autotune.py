@@ -176,3 +176,20 @@ def test_compile_accepts_schedule_auto_with_the_plan_it_chose():
     assert pipe.program == plan.program
     with pytest.raises(ConfigError, match="conflicts with the plan's schedule"):
         bp.compile(case.model, case.example_inputs, case.loss_fn, schedule="auto", memory_limit="2GiB", plan=plan)
+
+
+def test_compile_auto_ranks_with_the_cost_options_inspect_uses(tmp_path):
+    case = gpt_case()
+    inspected, _ = build_plan(case.model, case.example_inputs, "auto", 2, 4, flop_rate=5e9, network=SLOW_LINKS)
+    pipe = bp.compile(case.model, case.example_inputs, case.loss_fn, schedule="auto", devices=2, microbatches=4,
+                      flop_rate=5e9, network=SLOW_LINKS)
+    assert pipe.plan.search == inspected.search and pipe.program == inspected.program
+    assert pipe.plan.flop_rate == 5e9 and pipe.plan.network == SLOW_LINKS
+    assert "\n".join(inspected.search.table()) in pipe.plan.summary()
+    pipe.plan.save(tmp_path / "plan.json")
+    again = bp.compile(case.model, case.example_inputs, case.loss_fn, plan=tmp_path / "plan.json")
+    assert again.program == inspected.program and again.plan.search == inspected.search
+    with pytest.raises(ConfigError, match=r"flop_rate=1e\+12 conflicts with the plan's flop_rate=5e\+09"):
+        bp.compile(case.model, case.example_inputs, case.loss_fn, plan=tmp_path / "plan.json", flop_rate=1e12)
+    with pytest.raises(ConfigError, match="profile=True measures stage times to make a plan, but a plan was given"):
+        bp.compile(case.model, case.example_inputs, case.loss_fn, plan=tmp_path / "plan.json", profile=True)

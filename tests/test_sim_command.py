@@ -92,3 +92,58 @@ def test_spec_list_with_several_options(capsys):
     assert main(["simulate", "-d", "2", "-n", "4", "--schedules", "bitpipe:inflight=1,weight_fraction=0.25,1f1b"]) == 0
     rows = table_rows(capsys.readouterr().out)
     assert {"bitpipe:inflight=1,weight_fraction=0.25", "1f1b"} <= set(rows)
+
+
+AUTO_ARGS = ["simulate", "-d", "4", "-n", "8", "--param-bytes", "100", "--activation-bytes", "10", "--costs",
+             "F=1,B=3,W=1.2"]
+
+
+def _candidates_by_hand() -> dict[str, tuple[float, float]]:
+    """(makespan, peak bytes) of every searched spec, each simulated on its own; peak = 4 copies of the
+    device's weights (parameter, gradient, two optimizer states) + its most activation bytes alive."""
+    from bitpipe_fx.ranking import candidate_specs
+
+    cost = cost_model(parse_costs("F=1,B=3,W=1.2"), activation_bytes=10.0, param_bytes=100.0)
+    out = {}
+    for spec in candidate_specs(4, 8):
+        r = run_one(spec, 4, 8, cost).report
+        if r is not None:
+            out[str(spec)] = (r.makespan, max(4 * r.weight_bytes(d) + r.peak_activation_bytes(d)
+                                              for d in range(r.devices)))
+    return out
+
+
+def test_simulate_auto_picks_the_fastest_candidate_and_shows_the_ranking(capsys, tmp_path):
+    by_hand = _candidates_by_hand()
+    assert main([*AUTO_ARGS, "--schedule", "auto", "--json", str(tmp_path / "a.json")]) == 0
+    out = capsys.readouterr().out
+    best = min(by_hand, key=lambda k: by_hand[k])  # the fastest; a tie goes to the smaller peak, then search order
+    row = table_rows(out)[f"auto -> {best}"]
+    assert float(row[2]) == pytest.approx(by_hand[best][0])
+    assert f"auto: {len(by_hand)} candidates, no memory limit; {best} wins" in out
+    saved = json.loads((tmp_path / "a.json").read_text())["auto"]
+    assert [c["spec"] for c in saved["candidates"]] == sorted(by_hand, key=lambda k: by_hand[k])
+
+
+def test_simulate_auto_respects_the_memory_limit_or_names_the_smallest_peak(capsys):
+    by_hand = _candidates_by_hand()
+    fastest = min(by_hand, key=lambda k: by_hand[k])
+    limit = (min(p for _, p in by_hand.values()) + by_hand[fastest][1]) / 2
+    fits = {k: v for k, v in by_hand.items() if v[1] <= limit}
+    assert fits and fastest not in fits
+    assert main([*AUTO_ARGS, "--schedule", "auto", "--memory-limit", str(limit)]) == 0
+    out = capsys.readouterr().out
+    winner = min(fits, key=lambda k: fits[k])
+    assert f"auto -> {winner}" in table_rows(out)
+    assert main([*AUTO_ARGS, "--schedule", f"auto:memory_limit={limit}"]) == 0
+    assert f"auto:memory_limit={limit} -> {winner}" in table_rows(capsys.readouterr().out)
+    smallest = min(p for _, p in by_hand.values())
+    assert main([*AUTO_ARGS, "--schedule", "auto", "--memory-limit", str(smallest / 2)]) == 2
+    err = capsys.readouterr().err
+    assert (f"no schedule fits memory_limit={smallest / 2:.6g} bytes: the smallest predicted peak is "
+            f"{smallest:.6g}") in err
+
+
+def test_simulate_memory_limit_needs_auto(capsys):
+    assert main([*AUTO_ARGS, "--schedule", "gpipe", "--memory-limit", "1GiB"]) == 2
+    assert "give --memory-limit only with it" in capsys.readouterr().err

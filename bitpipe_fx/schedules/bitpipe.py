@@ -86,7 +86,7 @@ def bitpipe(
     windows = (1, 2) if inflight is None else (inflight,)
     for unit in units:
         for window in () if defer_w is False else windows:
-            timed = list_schedule(
+            candidates.append(list_schedule(
                 place,
                 pipe_of,
                 _deferred_w,
@@ -94,6 +94,5 @@ def bitpipe(
                 split=True,
                 admit=after_slot_frees(window * devices),
                 max_deferred_w=window * devices,
-            )
-            candidates.append([[t.action for t in dev] for dev in timed])
+            ))
     return fastest("bitpipe", place, pipe_of, candidates, costs, units[0])

@@ -55,7 +55,7 @@ def chimera(
     place = chimera_placement(devices)
     units = unit_variants(costs, forward, backward)
     candidates = [
-        [[t.action for t in dev] for dev in list_schedule(place, pipe_of, policy, unit, admit=_window(half, lag))]
+        list_schedule(place, pipe_of, policy, unit, admit=_window(half, lag))
         for unit in units
         for lag in (devices // 2, devices)
         for policy in POLICIES

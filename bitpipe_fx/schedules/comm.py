@@ -13,7 +13,6 @@ devices; a V turn (stage D-1 -> D on one device) is a local hand-off.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 from bitpipe_fx.schedules.deps import ACTIVATION, INPUT_GRAD, Key, handoff_stage, needs, provides
 from bitpipe_fx.schedules.ir import Action, Program
@@ -54,20 +53,33 @@ Op = Action | Comm
 
 
 Handoff = tuple[Key, int, int]  # (result, source device, destination device) of a value between two chunks
-Wired = tuple[Action, Handoff | None, Handoff | None]  # an action, the value it takes, the value it hands on
 
 
-@lru_cache(maxsize=8)  # validate() and simulate() of the same program share one derivation
+# one action, prepared once per program: (action, its needs, its results, the need another chunk produces
+# (src == dst for a local hand-off), the result another chunk needs); a plain tuple, read by unpacking
+Wired = tuple[Action, tuple[Key, ...], tuple[Key, ...], Handoff | None, Handoff | None]
+_WIRED: dict[int, tuple[Program, tuple[tuple[Wired, ...], ...]]] = {}  # id(program) -> (program, wiring)
+_WIRED_KEPT = 8
+
+
 def handoffs(program: Program) -> tuple[tuple[Wired, ...], ...]:
-    """Per device, per action: (action, the value it takes from another chunk, the value it hands to one).
-
-    src == dst for a local hand-off. Plain tuples, derived once per program, for the simulator and validator.
-    """
+    """Per device, per action: its Wired record. Derived once per program object and shared by validate() and
+    simulate(); remembered by identity, because hashing a large program costs more than deriving it."""
+    hit = _WIRED.get(id(program))
+    if hit is not None and hit[0] is program:
+        return hit[1]
     table, stages = program.placement.table, program.stages
-    return tuple(
-        tuple((a, _inbound(table, stages, a), _outbound(table, stages, a)) for a in acts)
-        for acts in program.device_actions
-    )
+    wiring = []
+    for acts in program.device_actions:
+        row = []
+        for a in acts:
+            need, made = needs(a, stages), provides(a)
+            row.append((a, need, made, _inbound(table, a, need), _outbound(table, stages, made)))
+        wiring.append(tuple(row))
+    if len(_WIRED) >= _WIRED_KEPT:
+        del _WIRED[next(iter(_WIRED))]
+    _WIRED[id(program)] = (program, tuple(wiring))
+    return _WIRED[id(program)][1]
 
 
 def message_of(handoff: Handoff) -> Message:
@@ -78,28 +90,28 @@ def message_of(handoff: Handoff) -> Message:
 
 def produced_value(program: Program, action: Action) -> Message | None:
     """The value ``action`` hands to another chunk (src == dst for a local hand-off), or None."""
-    handoff = _outbound(program.placement.table, program.stages, action)
+    handoff = _outbound(program.placement.table, program.stages, provides(action))
     return None if handoff is None else message_of(handoff)
 
 
 def consumed_value(program: Program, action: Action) -> Message | None:
     """The value ``action`` needs from another chunk (src == dst for a local hand-off), or None."""
-    handoff = _inbound(program.placement.table, program.stages, action)
+    handoff = _inbound(program.placement.table, action, needs(action, program.stages))
     return None if handoff is None else message_of(handoff)
 
 
-def _inbound(table: tuple[tuple[int, ...], ...], stages: int, action: Action) -> Handoff | None:
-    """The need of ``action`` that another chunk (another stage of its pipe) produces."""
-    for key in needs(action, stages):
+def _inbound(table: tuple[tuple[int, ...], ...], action: Action, need: tuple[Key, ...]) -> Handoff | None:
+    """The need of ``action`` (``need`` = its needs) that another chunk (another stage of its pipe) produces."""
+    for key in need:
         if key[2] != action.stage:
             row = table[key[1]]
             return key, row[key[2]], row[action.stage]
     return None
 
 
-def _outbound(table: tuple[tuple[int, ...], ...], stages: int, action: Action) -> Handoff | None:
-    """The result of ``action`` that another chunk needs."""
-    for key in provides(action):
+def _outbound(table: tuple[tuple[int, ...], ...], stages: int, made: tuple[Key, ...]) -> Handoff | None:
+    """The result (of ``made``, an action's results) that another chunk needs."""
+    for key in made:
         if (dst := handoff_stage(key, stages)) is not None:
             row = table[key[1]]
             return key, row[key[2]], row[dst]
@@ -126,7 +138,7 @@ def lower(program: Program) -> tuple[tuple[Op, ...], ...]:
     out = []
     for row in handoffs(program):
         ops: list[Op] = []
-        for a, inbound, outbound in row:
+        for a, _, _, inbound, outbound in row:
             if inbound is not None and inbound[1] != inbound[2]:
                 ops.append(Comm("RECV", message_of(inbound)))
             ops.append(a)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from bitpipe_fx.schedules.build import assemble
 from bitpipe_fx.schedules.ir import Action, Placement, Program
-from bitpipe_fx.schedules.listsched import UnitCosts, makespan
+from bitpipe_fx.schedules.listsched import ListSchedule, UnitCosts, makespan
 from bitpipe_fx.sim import engine  # a module import: bitpipe_fx.sim imports the schedule layer too
 from bitpipe_fx.sim.cost import CostModel, PerStage
 
@@ -61,14 +61,19 @@ def fastest(
     name: str,
     placement: Placement,
     pipe_of: Sequence[int],
-    candidates: Sequence[Orders],
+    candidates: Sequence[Orders | ListSchedule],
     costs: CostModel | None,
     unit: UnitCosts,
 ) -> Program:
-    """The first of the fastest candidates as a Program: simulated under ``costs``, else replayed with ``unit``."""
-    programs = [assemble(name, placement, pipe_of, orders) for orders in candidates]
+    """The first of the fastest candidates as a Program: simulated under ``costs``, else replayed with ``unit``
+    (a list schedule made with ``unit`` brings its replayed makespan along)."""
+    orders = [c.actions() if isinstance(c, ListSchedule) else c for c in candidates]
+    if len(orders) == 1:
+        return assemble(name, placement, pipe_of, orders[0])
     if costs is None:
-        times = [makespan(placement, orders, unit) for orders in candidates]
-    else:
-        times = [engine.simulate(program, costs).makespan for program in programs]
+        times = [c.replayed if isinstance(c, ListSchedule) and c.costs == unit else
+                 makespan(placement, o, unit, pipe_of) for c, o in zip(candidates, orders)]
+        return assemble(name, placement, pipe_of, orders[times.index(min(times))])
+    programs = [assemble(name, placement, pipe_of, o) for o in orders]
+    times = [engine.simulate(program, costs).makespan for program in programs]
     return programs[times.index(min(times))]

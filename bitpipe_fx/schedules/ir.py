@@ -12,6 +12,7 @@ import json
 import re
 from dataclasses import dataclass
 from functools import cached_property
+from typing import NamedTuple
 
 from bitpipe_fx.errors import ScheduleError
 
@@ -20,23 +21,30 @@ KINDS = (*COMPUTE_KINDS, "SYNC")
 _ACTION_RE = re.compile(r"^(SYNC|F|B|I|W)(\d+)\.(\d+)(?:\.(\d+))?$")
 
 
-@dataclass(frozen=True, order=True)
-class Action:
-    """One unit of work on one device. ``microbatch`` is -1 for SYNC."""
-
+class _ActionFields(NamedTuple):
     kind: str
     pipe: int
     stage: int
     microbatch: int = -1
 
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ScheduleError(f"unknown action kind {self.kind!r}; expected one of {KINDS}")
-        if (self.kind == "SYNC") != (self.microbatch == -1):
+
+class Action(_ActionFields):
+    """One unit of work on one device. ``microbatch`` is -1 for SYNC.
+
+    A named tuple, so that hashing, equality and ordering (by kind, pipe, stage, micro-batch) run at C speed:
+    the schedulers, validator and simulator look up and compare hundreds of thousands of actions.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, kind: str, pipe: int, stage: int, microbatch: int = -1) -> Action:
+        if kind not in KINDS:
+            raise ScheduleError(f"unknown action kind {kind!r}; expected one of {KINDS}")
+        if (kind == "SYNC") != (microbatch == -1):
             raise ScheduleError(
-                f"{self.kind} action needs {'no' if self.kind == 'SYNC' else 'a'} micro-batch, "
-                f"got microbatch={self.microbatch}"
+                f"{kind} action needs {'no' if kind == 'SYNC' else 'a'} micro-batch, got microbatch={microbatch}"
             )
+        return tuple.__new__(cls, (kind, pipe, stage, microbatch))
 
     def __str__(self) -> str:
         base = f"{self.kind}{self.pipe}.{self.stage}"

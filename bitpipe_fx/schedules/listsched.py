@@ -13,7 +13,8 @@ from heapq import heappop, heappush
 from typing import NamedTuple
 
 from bitpipe_fx.errors import ScheduleError
-from bitpipe_fx.schedules.deps import Key, dependents, needs, provides
+from bitpipe_fx.schedules.depgraph import ActionGraph, action_graph
+from bitpipe_fx.schedules.deps import Key, needs, provides
 from bitpipe_fx.schedules.ir import Action, Placement
 
 
@@ -71,6 +72,20 @@ class Timed(NamedTuple):
     action: Action
 
 
+class ListSchedule(NamedTuple):
+    """A list schedule's per-device timed orders, and the makespan of those orders replayed (``makespan``)
+    with the same costs: the replay runs each action as soon as its device and inputs allow, ignoring the
+    admission rule, so it can finish earlier than the list schedule's own time."""
+
+    orders: tuple[tuple[Timed, ...], ...]
+    replayed: float
+    costs: UnitCosts  # the costs both were timed with
+
+    def actions(self) -> list[list[Action]]:
+        """The per-device orders without their times."""
+        return [[t.action for t in dev] for dev in self.orders]
+
+
 @dataclass
 class State:
     """What priority and admission rules may look at: the time, and when each started result (deps key) is ready."""
@@ -88,31 +103,34 @@ Admit = Callable[[Action, State], bool]  # may this (forward) action start now?
 
 
 class _Ready:
-    """One device's candidates whose inputs are ready: a heap by (priority, action), and its W's by age.
+    """One device's candidates whose inputs are ready: a heap by (priority, action id), and its W's by age.
 
-    Entries carry a shared ``alive`` cell so that a W taken through one heap is skipped in the other.
+    Action ids order like the actions (``depgraph``). ``taken`` (shared, by id) marks started actions, so a
+    W taken through one heap is skipped in the other; W's are kept by age only when ``track_w``.
     """
 
-    def __init__(self) -> None:
-        self.heap: list[tuple[tuple, Action, list[bool]]] = []
-        self.w_heap: list[tuple[float, Action, list[bool]]] = []
+    def __init__(self, taken: bytearray, track_w: bool) -> None:
+        self.heap: list[tuple[tuple, int]] = []
+        self.w_heap: list[tuple[float, int]] = []
         self.w_count = 0
+        self.taken, self.track_w = taken, track_w
 
-    def add(self, action: Action, at: float, priority: Priority) -> None:
-        alive = [True]
-        heappush(self.heap, (priority(action, at), action, alive))
-        if action.kind == "W":
-            heappush(self.w_heap, (at, action, alive))
+    def add(self, i: int, action: Action, at: float, priority: Priority) -> None:
+        heappush(self.heap, (priority(action, at), i))
+        if self.track_w and action.kind == "W":
+            heappush(self.w_heap, (at, i))
             self.w_count += 1
 
-    def take(self, admit: Admit | None, state: State, max_deferred_w: int | None) -> Action | None:
+    def take(
+        self, actions: tuple[Action, ...], admit: Admit | None, state: State, max_deferred_w: int | None
+    ) -> int | None:
         """The best admitted candidate (or, with ``max_deferred_w`` ready W's, the oldest W), or None."""
-        heap, refused, best = self.heap, [], None
+        heap, taken, refused, best = self.heap, self.taken, [], None
         while heap:
             entry = heappop(heap)
-            if not entry[2][0]:
+            if taken[entry[1]]:
                 continue
-            if admit is None or admit(entry[1], state):
+            if admit is None or admit(actions[entry[1]], state):
                 best = entry
                 break
             refused.append(entry)
@@ -120,15 +138,16 @@ class _Ready:
             heappush(heap, entry)
         if best is None:
             return None
+        i = best[1]
         if max_deferred_w is not None and self.w_count >= max_deferred_w:
             heappush(heap, best)
-            best = heappop(self.w_heap)
-            while not best[2][0]:
-                best = heappop(self.w_heap)
-        best[2][0] = False
-        if best[1].kind == "W":
+            i = heappop(self.w_heap)[1]
+            while taken[i]:
+                i = heappop(self.w_heap)[1]
+        taken[i] = 1
+        if self.track_w and actions[i].kind == "W":
             self.w_count -= 1
-        return best[1]
+        return i
 
 
 def list_schedule(
@@ -139,23 +158,31 @@ def list_schedule(
     split: bool = False,
     admit: Admit | None = None,
     max_deferred_w: int | None = None,
-) -> tuple[tuple[Timed, ...], ...]:
+) -> ListSchedule:
     """Per-device timed orders of a greedy list schedule of every micro-batch's F and B (or I and W).
 
     At every event time each free device starts its smallest ready ``(priority, action)`` that ``admit``
     lets in. With ``max_deferred_w``, a device that holds that many ready W actions runs the oldest one
-    next, which bounds the activations kept alive by deferred weight-gradient work.
+    next, which bounds the activations kept alive by deferred weight-gradient work. The replay of the
+    orders is timed along the way (each action's needs have started, so their replayed ends are known).
     """
-    stages, devices, table = placement.stages, placement.devices, placement.table
+    stages, devices = placement.stages, placement.devices
     costs.check_stages(stages)
-    duration = {k: tuple(costs.of(k, s) for s in range(stages)) for k in ("F", "B", "I", "W")}
+    graph = action_graph(placement, pipe_of, split)
+    actions, device, needs_of, provides_of = graph.actions, graph.device, graph.needs, graph.provides
+    dependents = graph.dependents
+    duration = _durations(graph, costs, stages)
     state = State()
     done = state.done
-    ready = [_Ready() for _ in range(devices)]
+    taken = bytearray(len(actions))
+    ready = [_Ready(taken, max_deferred_w is not None) for _ in range(devices)]
+    left = [len(n) for n in needs_of]  # needs of each action not yet started
+    ready_at = [0.0] * len(actions)  # the latest end among its started needs
     # candidates whose inputs are all started, by the time the last one ends (always an event time)
-    later: dict[float, list[Action]] = {0.0: [Action("F", p, 0, m) for m, p in enumerate(pipe_of)]}
-    remaining = len(pipe_of) * stages * (3 if split else 2)
+    later: dict[float, list[int]] = {0.0: list(graph.roots)}
+    remaining = len(actions)
     free = [0.0] * devices
+    replay_free, replay_done = [0.0] * devices, {}  # the replay's device clocks and result ends
     orders: list[list[Timed]] = [[] for _ in range(devices)]
     events, pending = [0.0], {0.0}  # future event times, as a heap and as a set
     while remaining:
@@ -167,53 +194,66 @@ def list_schedule(
         now = heappop(events)
         pending.discard(now)
         state.time = now
-        for a in later.pop(now, ()):
-            ready[table[a.pipe][a.stage]].add(a, now, priority)
-        for d in range(devices):
-            if free[d] > now or not ready[d].heap:
+        for i in later.pop(now, ()):
+            ready[device[i]].add(i, actions[i], now, priority)
+        for d, waiting in enumerate(ready):
+            if not waiting.heap or free[d] > now:
                 continue
-            a = ready[d].take(admit, state, max_deferred_w)
-            if a is None:
+            i = waiting.take(actions, admit, state, max_deferred_w)
+            if i is None:
                 continue
             remaining -= 1
-            end = free[d] = now + duration[a.kind][a.stage]
-            orders[d].append(Timed(now, end, a))
-            times = [end]
-            for key in provides(a):
+            end = free[d] = now + duration[i]
+            orders[d].append(Timed(now, end, actions[i]))
+            start = replay_free[d]
+            for key in needs_of[i]:
+                if replay_done[key] > start:
+                    start = replay_done[key]
+            replayed = replay_free[d] = start + duration[i]
+            if end not in pending:
+                pending.add(end)
+                heappush(events, end)
+            for key in provides_of[i]:
                 done[key] = end
-                for nxt in dependents(key, stages, split):
-                    at = _ready_time(needs(nxt, stages), done)
-                    if at is None:
+                replay_done[key] = replayed
+                for j in dependents.get(key, ()):
+                    if end > ready_at[j]:
+                        ready_at[j] = end
+                    left[j] -= 1
+                    if left[j]:
                         continue
-                    times.append(at)
+                    at = ready_at[j]
                     if at <= now:
-                        ready[table[nxt.pipe][nxt.stage]].add(nxt, at, priority)
+                        ready[device[j]].add(j, actions[j], at, priority)
                     else:
-                        later.setdefault(at, []).append(nxt)
-            for at in times:
-                if at not in pending:
-                    pending.add(at)
-                    heappush(events, at)
-    return tuple(tuple(o) for o in orders)
+                        later.setdefault(at, []).append(j)
+                    if at not in pending:
+                        pending.add(at)
+                        heappush(events, at)
+    return ListSchedule(tuple(tuple(o) for o in orders), max(replay_free, default=0.0), costs)
 
 
-def _ready_time(need: tuple[Key, ...], done: dict[Key, float]) -> float | None:
-    """When the last of ``need`` ends (``max`` of their ends), or None while one is not started."""
-    at = None
-    for key in need:
-        end = done.get(key)
-        if end is None:
-            return None
-        if at is None or end > at:
-            at = end
-    return at
+def _durations(graph: ActionGraph, costs: UnitCosts, stages: int) -> list[float]:
+    """Each action's time under ``costs``, by id."""
+    of = {(k, s): costs.of(k, s) for k in ("F", "B", "I", "W") for s in range(stages)}
+    return [of[a.kind, a.stage] for a in graph.actions]
 
 
-def makespan(placement: Placement, orders: Sequence[Sequence[Action]], costs: UnitCosts) -> float:
-    """Finish time of fixed per-device orders replayed with ``costs`` (free communication)."""
+def makespan(
+    placement: Placement, orders: Sequence[Sequence[Action]], costs: UnitCosts, pipe_of: Sequence[int] | None = None
+) -> float:
+    """Finish time of fixed per-device orders replayed with ``costs`` (free communication).
+
+    With ``pipe_of`` (the micro-batch -> pipe map the orders were made for) the replay reads each action's
+    needs and results from the shared ``depgraph`` instead of deriving them; the result is the same.
+    """
     stages = placement.stages
     costs.check_stages(stages)
-    duration = {k: tuple(costs.of(k, s) for s in range(stages)) for k in ("F", "B", "I", "W")}
+    duration = {(k, s): costs.of(k, s) for k in ("F", "B", "I", "W") for s in range(stages)}
+    split = any(a.kind == "W" for order in orders[:1] for a in order)
+    graph = action_graph(placement, pipe_of, split) if pipe_of is not None else None
+    index = graph.index if graph is not None else {}
+    graph_needs, graph_results = (graph.needs, graph.provides) if graph is not None else ((), ())
     done: dict[Key, float] = {}
     waiting: dict[Key, list[int]] = {}  # a missing result -> the devices blocked on it
     pos = [0] * len(orders)
@@ -221,25 +261,32 @@ def makespan(placement: Placement, orders: Sequence[Sequence[Action]], costs: Un
     runnable = list(range(len(orders)))
     while runnable:
         d = runnable.pop()
-        order = orders[d]
-        while pos[d] < len(order):
-            a = order[pos[d]]
-            start = free[d]
-            for key in needs(a, stages):
+        order, i, now = orders[d], pos[d], free[d]
+        while i < len(order):
+            a = order[i]
+            known = index.get(a)
+            if known is None:
+                need, made = needs(a, stages), provides(a)
+            else:
+                need, made = graph_needs[known], graph_results[known]
+            start, missing = now, None
+            for key in need:
                 end = done.get(key)
                 if end is None:
-                    waiting.setdefault(key, []).append(d)
+                    missing = key
                     break
                 if end > start:
                     start = end
-            else:
-                free[d] = start + duration[a.kind][a.stage]
-                for key in provides(a):
-                    done[key] = free[d]
-                    runnable.extend(waiting.pop(key, ()))
-                pos[d] += 1
-                continue
-            break
+            if missing is not None:
+                waiting.setdefault(missing, []).append(d)
+                break
+            now = start + duration[a.kind, a.stage]
+            for key in made:
+                done[key] = now
+                if key in waiting:
+                    runnable.extend(waiting.pop(key))
+            i += 1
+        pos[d], free[d] = i, now
     if any(p < len(o) for p, o in zip(pos, orders)):
         raise ScheduleError("cannot time these orders: they deadlock; run validate() on the program for details")
     return max(free, default=0.0)

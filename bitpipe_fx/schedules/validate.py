@@ -13,17 +13,21 @@ from collections.abc import Iterable
 
 from bitpipe_fx.errors import ScheduleError
 from bitpipe_fx.schedules.comm import Handoff, Wired, handoffs, message_of
-from bitpipe_fx.schedules.deps import Key, describe, needs, provides
+from bitpipe_fx.schedules.deps import Key, describe
 from bitpipe_fx.schedules.ir import Action, Program
 
 Mark = tuple[int, int]  # (device, step); step == len(actions) means "missing, should be on this device"
 _MAX_PROBLEMS = 8
 
 
-def validate(program: Program) -> None:
-    """Raise ScheduleError (with a marked device x step grid) unless ``program`` is a valid schedule."""
+def validate(program: Program, execute: bool = True) -> None:
+    """Raise ScheduleError (with a marked device x step grid) unless ``program`` is a valid schedule.
+
+    ``execute=False`` checks the structure only: for a caller that replays the program itself (the
+    simulator finds the same deadlocks) and calls ``validate`` again, in full, when that replay fails.
+    """
     problems = _structure_problems(program)
-    if not problems:
+    if not problems and execute:
         problems = _execution_problems(program)
     if problems:
         lines = [text for _, text in problems[:_MAX_PROBLEMS]]
@@ -55,23 +59,26 @@ def _structure_problems(program: Program) -> list[tuple[Mark, str]]:
     seen: Seen = {}
     for d, acts in enumerate(program.device_actions):
         for i, a in enumerate(acts):
-            where, key = (d, i), (a.kind, a.pipe, a.stage, a.microbatch)
-            if not (0 <= a.pipe < pipes and 0 <= a.stage < stages):
-                problems.append((where, f"{a} on dev{d}: no chunk (pipe {a.pipe}, stage {a.stage}) in the placement"))
+            kind, pipe, stage, mb = a
+            if 0 <= pipe < pipes and 0 <= stage < stages and table[pipe][stage] == d and a not in seen and (
+                kind == "SYNC" or (0 <= mb < n and pipe_of[mb] == pipe)
+            ):
+                seen[a] = (d, i)  # the common case: one test; the others name what is wrong
                 continue
-            if a.kind != "SYNC" and not 0 <= a.microbatch < n:
-                problems.append((where, f"{a} on dev{d}: micro-batch {a.microbatch} outside 0..{n - 1}"))
+            where = (d, i)
+            if not (0 <= pipe < pipes and 0 <= stage < stages):
+                problems.append((where, f"{a} on dev{d}: no chunk (pipe {pipe}, stage {stage}) in the placement"))
                 continue
-            owner = table[a.pipe][a.stage]
+            if kind != "SYNC" and not 0 <= mb < n:
+                problems.append((where, f"{a} on dev{d}: micro-batch {mb} outside 0..{n - 1}"))
+                continue
+            owner = table[pipe][stage]
             if owner != d:
-                problems.append((where, f"{a} runs on dev{d} but chunk ({a.pipe}, {a.stage}) is placed on dev{owner}"))
-            elif a.kind != "SYNC" and pipe_of[a.microbatch] != a.pipe:
-                travels = pipe_of[a.microbatch]
-                problems.append((where, f"{a} on dev{d}: micro-batch {a.microbatch} travels pipe {travels}"))
-            elif key in seen:
-                problems.append((where, f"{a} on dev{d} step {i} duplicates step {seen[key][1]} of dev{seen[key][0]}"))
+                problems.append((where, f"{a} runs on dev{d} but chunk ({pipe}, {stage}) is placed on dev{owner}"))
+            elif kind != "SYNC" and pipe_of[mb] != pipe:
+                problems.append((where, f"{a} on dev{d}: micro-batch {mb} travels pipe {pipe_of[mb]}"))
             else:
-                seen[key] = where
+                problems.append((where, f"{a} on dev{d} step {i} duplicates step {seen[a][1]} of dev{seen[a][0]}"))
     if problems:
         return problems
     for m, p in enumerate(pipe_of):
@@ -134,23 +141,30 @@ def _execution_problems(program: Program) -> list[tuple[Mark, str]]:
     runnable = list(range(program.devices))
     while runnable:
         d = runnable.pop()
-        row = wiring[d]
-        while step[d] < len(row):
-            a, inbound, outbound = row[step[d]]
-            if _crosses(inbound) and inbound[0] not in sent:
+        row, i = wiring[d], step[d]
+        while i < len(row):
+            _, need, made, inbound, outbound = row[i]
+            if inbound is not None and inbound[1] != inbound[2] and inbound[0] not in sent:
                 waiting.setdefault((True, inbound[0]), []).append(d)
                 break
-            missing = next((k for k in needs(a, program.stages) if k not in done), None)
+            missing = None
+            for key in need:
+                if key not in done:
+                    missing = key
+                    break
             if missing is not None:
                 waiting.setdefault((False, missing), []).append(d)
                 break
-            for key in provides(a):
+            for key in made:
                 done.add(key)
-                runnable.extend(waiting.pop((False, key), ()))
-            if _crosses(outbound):
+                if (False, key) in waiting:
+                    runnable.extend(waiting.pop((False, key)))
+            if outbound is not None and outbound[1] != outbound[2]:
                 sent.add(outbound[0])
-                runnable.extend(waiting.pop((True, outbound[0]), ()))
-            step[d] += 1
+                if (True, outbound[0]) in waiting:
+                    runnable.extend(waiting.pop((True, outbound[0])))
+            i += 1
+        step[d] = i
     return [
         ((d, step[d]), _stuck_reason(program, wiring[d][step[d]], d, done, sent))
         for d in range(program.devices)
@@ -163,12 +177,12 @@ def _crosses(handoff: Handoff | None) -> bool:
 
 
 def _stuck_reason(program: Program, wired: Wired, d: int, done: set[Key], sent: set[Key]) -> str:
-    op, inbound, _ = wired
+    op, need, _, inbound, _ = wired
     if _crosses(inbound) and inbound[0] not in sent:
         msg = message_of(inbound)
         return f"dev{d} blocks receiving {msg.kind}{msg.pipe}.{msg.stage}.{msg.microbatch} from dev{msg.src}"
     waiting = []
-    for key in needs(op, program.stages):
+    for key in need:
         if key not in done:
             owner = program.placement.device(key[1], key[2])
             waiting.append(f"{describe(key)} (dev{owner}{', later on this device' if owner == d else ''})")

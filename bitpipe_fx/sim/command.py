@@ -8,14 +8,16 @@ activation and weight figures compare like for like across schedules.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from bitpipe_fx.errors import BitPipeError, ConfigError
-from bitpipe_fx.schedules import SCHEDULES, generate, validate
-from bitpipe_fx.schedules.spec import ScheduleSpec, make_spec, parse_spec, split_specs
+from bitpipe_fx.errors import BitPipeError, ConfigError, ScheduleError
+from bitpipe_fx.schedules import SCHEDULES, Program, generate, validate
+from bitpipe_fx.schedules.spec import AUTO, ScheduleSpec, make_spec, parse_bytes, parse_spec, split_specs
+from bitpipe_fx.sim import auto
 from bitpipe_fx.sim.cost import CostModel
 from bitpipe_fx.sim.engine import simulate
 from bitpipe_fx.sim.report import SimReport
@@ -63,15 +65,36 @@ def run_one(spec: ScheduleSpec, devices: int, microbatches: int, cost: CostModel
     becomes an Outcome with its reason."""
     try:
         program = generate(spec.name, devices, microbatches, **spec.kwargs())
-        validate(program)
-        return Outcome(str(spec), simulate(program, cost.scaled(devices / program.stages)))
+        validate(program, execute=False)
+        return Outcome(str(spec), _simulate(program, cost.scaled(devices / program.stages)))
     except BitPipeError as exc:
         return Outcome(str(spec), None, str(exc))
 
 
+def _simulate(program: Program, cost: CostModel) -> SimReport:
+    """The simulated step of a structurally valid program; a replay that fails is explained by ``validate``."""
+    try:
+        return simulate(program, cost)
+    except ScheduleError:
+        validate(program)  # raises the marked grid of what deadlocks
+        raise
+
+
 def compare(specs: list[ScheduleSpec], devices: int, microbatches: int, cost: CostModel) -> list[Outcome]:
-    """Every schedule in ``specs`` on the same work (costs per 1/D of the model)."""
-    return [run_one(spec, devices, microbatches, cost) for spec in specs]
+    """Every schedule in ``specs`` on the same work (costs per 1/D of the model).
+
+    The cyclic garbage collector is paused meanwhile: generation and replay make hundreds of thousands of
+    small acyclic tuples, freed by reference counting, that it would otherwise rescan many times over.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return [run_one(spec, devices, microbatches, cost) for spec in specs]
+    finally:
+        gc.freeze()  # what survives leaves the young generation, which the next collection would scan in full
+        gc.unfreeze()
+        if enabled:
+            gc.enable()
 
 
 def _fmt(x: float) -> str:
@@ -107,9 +130,12 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> 
     p = subparsers.add_parser(name, help=help, description=__doc__)
     p.add_argument("--devices", "-d", type=int, default=8, help="pipeline devices D")
     p.add_argument("--microbatches", "-n", type=int, default=16, help="micro-batches N per step")
-    p.add_argument("--schedules", default=None,
-                   help="comma-separated specs NAME[:key=value,...], e.g. gpipe,interleaved:chunks=2 "
-                        "(default: every registered schedule)")
+    p.add_argument("--schedules", "--schedule", default=None,
+                   help="comma-separated specs NAME[:key=value,...], e.g. gpipe,interleaved:chunks=2, or "
+                        "auto[:memory_limit=BYTES] to rank what schedule='auto' searches (default: every "
+                        "registered schedule)")
+    p.add_argument("--memory-limit", default=None,
+                   help="with auto: peak bytes per device (12GiB); weights count STATE_COPIES times")
     p.add_argument("--costs", default="F=1,B=2", help="F, B and optional W (weight part of B) per 1/D of the model")
     p.add_argument("--activation-bytes", type=float, default=0.0, help="bytes of one stage boundary per micro-batch")
     p.add_argument("--param-bytes", type=float, default=0.0, help="parameter bytes of 1/D of the model")
@@ -136,7 +162,24 @@ def main(args: argparse.Namespace) -> int:
     specs = [parse_spec(s) for s in split_specs(args.schedules)] if args.schedules else list(map(make_spec, SCHEDULES))
     if not specs:
         raise ConfigError(f"no schedules to compare; choose from {sorted(SCHEDULES)}")
-    outcomes = compare(specs, args.devices, args.microbatches, cost)
+    autos = [s for s in specs if s.name == AUTO]
+    if len(autos) > 1 or (args.memory_limit is not None and not autos):
+        raise ConfigError("name auto once, and give --memory-limit only with it (e.g. --schedule auto "
+                          f"--memory-limit 12GiB); got {args.schedules!r}")
+    if args.memory_limit is not None:
+        parse_bytes(args.memory_limit)  # a bad size is refused before anything runs
+    outcomes = compare([s for s in specs if s.name != AUTO], args.devices, args.microbatches, cost)
+    choice = None
+    if autos:
+        known = {o.label: o for o in outcomes}
+
+        def simulate_one(spec: ScheduleSpec) -> SimReport | None:
+            if str(spec) not in known:
+                known[str(spec)] = compare([spec], args.devices, args.microbatches, cost)[0]
+            return known[str(spec)].report
+
+        choice = auto.search(autos[0], args.devices, args.microbatches, args.memory_limit, simulate_one)
+        outcomes.insert(specs.index(autos[0]), Outcome(f"{autos[0]} -> {choice.spec}", choice.report))
     reference = next((o for o in outcomes if o.label == REFERENCE), None)
     if reference is None and REFERENCE in SCHEDULES:
         reference = run_one(make_spec(REFERENCE), args.devices, args.microbatches, cost)
@@ -147,6 +190,8 @@ def main(args: argparse.Namespace) -> int:
           f"all-reduce {_fmt(cost.allreduce_latency)} + 2(n-1)/n bytes/{_fmt(cost.allreduce_bandwidth)}, "
           f"dp={cost.data_parallel}")
     print(format_table(outcomes, reference))
+    if choice is not None:
+        print("\n".join(["", *choice.search.table()]))
     done = [o for o in outcomes if o.report is not None]
     if args.png and done:
         from bitpipe_fx.sim.plot import gantt_panels
@@ -166,6 +211,7 @@ def main(args: argparse.Namespace) -> int:
                 for o in outcomes]
         args.json.write_text(json.dumps({"devices": args.devices, "microbatches": args.microbatches,
                                          "costs_per_device_share": {"F": cost.forward, "B": cost.backward, "W": w},
-                                         "rows": rows}, indent=1))
+                                         "rows": rows, "auto": None if choice is None else choice.search.to_dict()},
+                                        indent=1))
         print(f"wrote {args.json}")
     return 0

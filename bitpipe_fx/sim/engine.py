@@ -17,7 +17,7 @@ from collections import deque
 
 from bitpipe_fx.errors import ScheduleError
 from bitpipe_fx.schedules.comm import Handoff, Wired, handoffs, message_of
-from bitpipe_fx.schedules.deps import ACTIVATION, Key, describe, needs, provides
+from bitpipe_fx.schedules.deps import ACTIVATION, Key, describe
 from bitpipe_fx.schedules.ir import COMPUTE_KINDS, Action, Program
 from bitpipe_fx.sim.cost import CostModel
 from bitpipe_fx.sim.report import SimReport, Span
@@ -42,14 +42,14 @@ def _steps(
     out = []
     for row in wiring:
         steps = []
-        for a, inbound, outbound in row:
+        for a, need, made, inbound, outbound in row:
             recv = inbound if inbound is not None and inbound[1] != inbound[2] else None
             send = outbound if outbound is not None and outbound[1] != outbound[2] else None
-            local = tuple(k for k in needs(a, S) if recv is None or k != recv[0])
+            local = need if recv is None else tuple(k for k in need if k != recv[0])
             duration = durations[a.kind][a.stage] if a.kind != "SYNC" else 0.0
             nbytes = _value_bytes(send[0], act_bytes) if send is not None else 0.0
             delay = cost.p2p_time(nbytes) if send is not None else 0.0
-            steps.append((a, local, recv, provides(a), send, duration, nbytes, delay))
+            steps.append((a, local, recv, made, send, duration, nbytes, delay))
         out.append(steps)
     return out
 
@@ -67,7 +67,8 @@ def simulate(program: Program, cost: CostModel | None = None) -> SimReport:
     act_bytes = cost.per_stage("activation_bytes", S)
     param_bytes = cost.per_stage("param_bytes", S)
     for d, acts in enumerate(program.device_actions):
-        for a in acts:
+        mine = set(place.chunks(d))
+        for a in (a for a in acts if (a.pipe, a.stage) not in mine):
             if not (0 <= a.pipe < program.pipes and 0 <= a.stage < S):
                 raise ScheduleError(f"{a} on device {d} names chunk ({a.pipe}, {a.stage}), which the placement "
                                     f"lacks ({program.pipes} pipes x {S} stages)")
@@ -79,7 +80,8 @@ def simulate(program: Program, cost: CostModel | None = None) -> SimReport:
 
     ready: dict[Key, float] = {}  # a local result -> when its action ended
     arrived: dict[Key, float] = {}  # a cross-device value -> when it reached its destination
-    waiters: dict[Wait, list[int]] = {}
+    waiting_local: dict[Key, list[int]] = {}  # a local result -> the devices blocked on it
+    waiting_message: dict[Key, list[int]] = {}  # a cross-device value -> the devices blocked on its arrival
     blocked_on: dict[int, Wait] = {}
     pos, clock, busy, compute_end = [0] * D, [0.0] * D, [0.0] * D, [0.0] * D
     held, peak, held_bytes, peak_bytes = [0] * D, [0] * D, [0.0] * D, [0.0] * D
@@ -89,58 +91,74 @@ def simulate(program: Program, cost: CostModel | None = None) -> SimReport:
     n_messages = 0
     queue = deque(range(D))
 
-    def wake(wait: Wait) -> None:
-        for d in waiters.pop(wait, ()):
+    def wake(waiting: dict[Key, list[int]], key: Key) -> None:
+        for d in waiting.pop(key):
             blocked_on.pop(d, None)
             queue.append(d)
 
-    def block(d: int, wait: Wait) -> None:
-        waiters.setdefault(wait, []).append(d)
-        blocked_on[d] = wait
-
     while queue:
         d = queue.popleft()
-        row = steps[d]
-        while pos[d] < len(row):
-            op, local, recv, results, send, duration, nbytes, delay = row[pos[d]]
-            if op.kind == "SYNC":
-                _issue_sync(d, op, clock[d], sync_issued)
-                pos[d] += 1
+        row, i, now, busy_d = steps[d], pos[d], clock[d], busy[d]
+        h, hb, top, top_bytes = held[d], held_bytes[d], peak[d], peak_bytes[d]
+        while i < len(row):
+            op, local, recv, results, send, duration, nbytes, delay = row[i]
+            kind = op.kind
+            if kind == "SYNC":
+                _issue_sync(d, op, now, sync_issued)
+                i += 1
                 continue
             if recv is not None:
                 if recv[0] not in arrived:
-                    block(d, (recv[0], recv))
+                    waiting_message.setdefault(recv[0], []).append(d)
+                    blocked_on[d] = (recv[0], recv)
                     break
-                clock[d] = max(clock[d], arrived[recv[0]])
-            _check_compute(d, op, results, ready, sync_issued)
-            missing = next((k for k in local if k not in ready), None)
+                if arrived[recv[0]] > now:
+                    now = arrived[recv[0]]
+            if (sync_issued and kind in ("B", "W") and (op.pipe, op.stage) in sync_issued) or results[0] in ready \
+                    or results[-1] in ready:
+                _check_compute(d, op, results, ready, sync_issued)  # raises: repeated work, or after SYNC
+            start, missing = now, None
+            for key in local:
+                at = ready.get(key)
+                if at is None:
+                    missing = key
+                    break
+                if at > start:
+                    start = at
             if missing is not None:
-                block(d, (missing, None))
+                waiting_local.setdefault(missing, []).append(d)
+                blocked_on[d] = (missing, None)
                 break
-            start = max([clock[d], *(ready[k] for k in local)])
             end = start + duration
-            clock[d] = compute_end[d] = end
-            busy[d] += end - start
+            now = end
+            busy_d += end - start
             spans.append((d, start, end, op))
-            if op.kind == "F":
-                held[d] += 1
-                held_bytes[d] += act_bytes[op.stage]
-                peak[d] = max(peak[d], held[d])
-                peak_bytes[d] = max(peak_bytes[d], held_bytes[d])
-            elif op.kind in ("B", "W"):
-                held[d] -= 1
-                held_bytes[d] -= act_bytes[op.stage]
+            if kind == "F":
+                h += 1
+                hb += act_bytes[op.stage]
+                if h > top:
+                    top = h
+                if hb > top_bytes:
+                    top_bytes = hb
+            elif kind in ("B", "W"):
+                h -= 1
+                hb -= act_bytes[op.stage]
             for key in results:
                 ready[key] = end
-                wake((key, None))
+                if key in waiting_local:
+                    wake(waiting_local, key)
             if send is not None:
                 arrival = end + delay
                 spans.append((d, end, arrival, send))
                 bytes_moved += nbytes
                 n_messages += 1
                 arrived[send[0]] = arrival
-                wake((send[0], send))
-            pos[d] += 1
+                if send[0] in waiting_message:
+                    wake(waiting_message, send[0])
+            i += 1
+            compute_end[d] = end
+        pos[d], clock[d], busy[d] = i, now, busy_d
+        held[d], held_bytes[d], peak[d], peak_bytes[d] = h, hb, top, top_bytes
 
     if any(pos[d] < len(steps[d]) for d in range(D)):
         raise ScheduleError(_deadlock_message(program, steps, pos, blocked_on))
@@ -154,7 +172,7 @@ def simulate(program: Program, cost: CostModel | None = None) -> SimReport:
                 spans.append((d, start, end, Action("SYNC", p, stage)))
             step_end[d] = max(step_end[d], end)
 
-    outbound = [out for row in wiring for _, _, out in row if out is not None]
+    outbound = [w[4] for row in wiring for w in row if w[4] is not None]
     chunks = [place.chunks(d) for d in range(D)]
     return SimReport(
         name=program.name,

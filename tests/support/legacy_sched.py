@@ -155,7 +155,7 @@ def simulate(program: Program, cost: CostModel) -> dict:
         d = queue.popleft()
         while pos[d] < len(ops[d]):
             op = ops[d][pos[d]]
-            if isinstance(op, tuple) and op[0] == "SEND":
+            if not isinstance(op, Action) and op[0] == "SEND":
                 msg = op[1]
                 nbytes = act_bytes[msg.stage] if msg.kind == "act" else act_bytes[msg.stage - 1]
                 arrival = clock[d] + cost.p2p_time(nbytes)
@@ -163,7 +163,7 @@ def simulate(program: Program, cost: CostModel) -> dict:
                 bytes_moved += nbytes
                 n_messages += 1
                 publish(msg, arrival)
-            elif isinstance(op, tuple):
+            elif not isinstance(op, Action):
                 if op[1] not in ready:
                     waiters[op[1]].append(d)
                     break
