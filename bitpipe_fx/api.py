@@ -12,6 +12,7 @@ micro-batches, as if one model had trained on the concatenated batch.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from bitpipe_fx import export
+from bitpipe_fx.arguments import check_compile, check_flag, check_optimizer, check_pipeline
 from bitpipe_fx.compiler import build_plan, split_from_plan
 from bitpipe_fx.errors import ConfigError
 from bitpipe_fx.export import mode_values
@@ -28,7 +30,6 @@ from bitpipe_fx.passes.capture import tied_names
 from bitpipe_fx.passes.stages import Inputs, LossFn, SplitModel, Targets
 from bitpipe_fx.plan import DEFAULT_FLOP_RATE, Plan
 from bitpipe_fx.runtime import dcp as checkpoint_dcp
-from bitpipe_fx.runtime import nonfinite
 from bitpipe_fx.runtime.batch import BatchSplitter, as_call
 from bitpipe_fx.runtime.distributed import DistributedExecutor
 from bitpipe_fx.runtime.group import check_world, join_from_env
@@ -93,22 +94,11 @@ class CompiledPipeline:
                 f"program {program.name!r} has {program.stages} stages but the split model has {split.num_stages}; "
                 "split the model with the plan's partition"
             )
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            raise ConfigError(f"seed must be a non-negative integer (it keys every micro-batch's random stream), "
-                              f"got {seed!r}")
-        if on_nonfinite not in nonfinite.POLICIES:
-            raise ConfigError(f"on_nonfinite must be one of {list(nonfinite.POLICIES)}, got {on_nonfinite!r}")
+        check_pipeline(loss_fn, optimizer, data_parallel, timeout, seed, on_nonfinite)
         if not isinstance(shard_optimizer, bool):
             raise ConfigError(f"shard_optimizer must be True or False (shard optimizer state over each stage's "
                               f"copies), got {shard_optimizer!r}")
-        if not isinstance(data_parallel, int) or data_parallel < 1:
-            raise ConfigError(f"data_parallel must be a positive integer, got {data_parallel!r}")
         self.precision = precision_of(precision)
-        if optimizer is not None and (isinstance(optimizer, torch.optim.Optimizer) or not callable(optimizer)):
-            raise ConfigError(
-                f"optimizer must be a factory called with the local parameters, e.g. "
-                f"lambda params: torch.optim.AdamW(params, lr=1e-3); got {type(optimizer).__name__}"
-            )
         validate(program)
         self._unflatten = split.unflatten_output
         self.program, self.plan, self.loss_fn = program, plan, loss_fn
@@ -116,7 +106,7 @@ class CompiledPipeline:
         args, kwargs = as_call(example_inputs)
         specs = trace_boundaries(split, split.flatten_inputs(args, kwargs), self.precision)
         self._splitter = BatchSplitter(split.input_names, split.flatten_inputs, specs.model_inputs,
-                                       program.microbatches)
+                                       program.microbatches, split.index_ranges)
         self.distributed = join_from_env(DEFAULT_TIMEOUT * 2)
         self.executor: LocalExecutor | DistributedExecutor
         if self.distributed:
@@ -135,6 +125,8 @@ class CompiledPipeline:
         self._zero = self.executor.zero if isinstance(self.executor, DistributedExecutor) else None
         params = self._zero.parameters() if self._zero else [p for r in self.executor.replicas for p in r.trainable]
         self.optimizer = optimizer(params) if optimizer is not None else None
+        if optimizer is not None:
+            check_optimizer(self.optimizer, params, optimizer)
         self.last_timeline: list[TraceEvent] = []
         self.seed = seed
         self.steps_taken = 0  # steps so far (skipped ones too): the step number that keys the random streams
@@ -145,6 +137,7 @@ class CompiledPipeline:
 
     def forward_backward(self, inputs: Inputs, targets: Targets, record: bool = False) -> float:
         """Gradients of the mean micro-batch loss, summed over replicas (see ``gradients()``); returns the loss."""
+        check_flag("record", record)
         batch = self._splitter.split(inputs, targets)
         for r in self.executor.replicas:
             r.zero_grad()
@@ -362,7 +355,9 @@ def compile(
     ``schedule="auto"``'s ranking are those inspect shows for the same options; with a plan, its own.
     """
     precision_of(precision)  # a wrong value is refused before the model is captured
-    if isinstance(plan, (str, Path)):
+    check_compile(model, example_inputs, schedule, devices, microbatches, plan, trace_path, leaf_modules)
+    check_pipeline(loss_fn, optimizer, data_parallel, timeout, seed, on_nonfinite)
+    if isinstance(plan, (str, os.PathLike)):
         plan = Plan.load(plan)
     spec, devices, microbatches = compile_settings(plan, schedule, devices, microbatches, schedule_options)
     check_cost_options(plan, flop_rate, profile, network)

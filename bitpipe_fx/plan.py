@@ -11,6 +11,7 @@ about one forward), unless the plan was profiled, in which case both are measure
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -157,12 +158,20 @@ class Plan:
         data["search"] = None if self.search is None else self.search.to_dict()
         data["program"] = self.program.to_dict()
         data["stages"] = [asdict(s) for s in self.stages]
+        data["checksum"] = checksum(data)
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, object]) -> Plan:
+        """The plan ``to_dict`` wrote; ConfigError when it was edited since (its checksum) or is inconsistent."""
+        if "checksum" in data and data["checksum"] != checksum(data):
+            raise ConfigError(
+                f"the plan was edited after it was written (its checksum {str(data['checksum'])[:16]}... does not "
+                f"match its content, {checksum(data)[:16]}...): the program, cuts and costs must come from one "
+                "partition; re-run `bitpipe-fx partition` (or Plan.save) instead of editing the numbers"
+            )
         try:
-            return cls(
+            plan = cls(
                 schedule=str(data["schedule"]),
                 devices=int(data["devices"]),
                 microbatches=int(data["microbatches"]),
@@ -181,10 +190,12 @@ class Plan:
                 costed=bool(data.get("costed", False)),
                 search=None if data.get("search") is None else Search.from_dict(data["search"]),
             )
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(
                 f"not a bitpipe_fx plan: {exc!r}; write plans with Plan.save or `bitpipe-fx partition`"
             ) from exc
+        _check_consistent(plan)
+        return plan
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
@@ -205,7 +216,31 @@ class Plan:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"no plan file at {str(p)!r}; create one with `bitpipe-fx partition ... --out {p}`")
-        return cls.from_json(p.read_text())
+        try:
+            return cls.from_json(p.read_text())
+        except ConfigError as exc:
+            raise ConfigError(f"plan file {str(p)!r}: {exc}") from exc
+
+
+def checksum(data: Mapping[str, object]) -> str:
+    """SHA-256 of a plan's JSON form without its ``checksum`` field (keys sorted, as JSON reads them back)."""
+    body = json.loads(json.dumps({k: v for k, v in data.items() if k != "checksum"}))
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _check_consistent(plan: Plan) -> None:
+    """ConfigError when the plan's numbers disagree with its program (a plan edited by hand, checksum removed)."""
+    program = plan.program
+    for name, value, want in (("devices", plan.devices, program.devices),
+                              ("microbatches", plan.microbatches, program.microbatches),
+                              ("stages", plan.num_stages, program.stages),
+                              ("cuts", len(plan.cuts), program.stages - 1)):
+        if value != want:
+            raise ConfigError(f"the plan's {name} is {value} but its program {program.name!r} has {want}; the plan "
+                              "was edited or is damaged: re-run `bitpipe-fx partition`")
+    if any(b <= a for a, b in zip(plan.cuts, plan.cuts[1:])) or any(c < 1 for c in plan.cuts):
+        raise ConfigError(f"the plan's cuts {list(plan.cuts)} do not increase strictly from 1; the plan was edited "
+                          "or is damaged: re-run `bitpipe-fx partition`")
 
 
 def _floats(values: Iterable[float] | None) -> tuple[float, ...] | None:

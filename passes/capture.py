@@ -17,7 +17,7 @@ from bitpipe_fx.passes.export_capture import from_export
 from bitpipe_fx.passes.fx_capture import from_symbolic_trace
 from bitpipe_fx.passes.graph_form import TRAINING_FLAG, Captured, buffers_kept, compute_nodes, tied_names
 from bitpipe_fx.passes.opaque import leaf_instances
-from bitpipe_fx.passes.trace_errors import failing_module, is_data_dependent, trace_error
+from bitpipe_fx.passes.trace_errors import failing_module, is_data_dependent, own_failure, trace_error
 
 __all__ = ["TRAINING_FLAG", "Captured", "capture", "compute_nodes", "normalize_inputs", "tied_names"]
 
@@ -42,7 +42,8 @@ def capture(
 
     ``leaf_modules`` (FQNs or classes) run as one opaque call each (passes/opaque.py), as do custom autograd
     Functions; a submodule where torch.export meets data-dependent control flow is added to them by class and
-    the export retried. Raises TraceError, naming the module and the ``leaf_modules=`` fix, when both fail.
+    the export retried. Raises TraceError, naming the module and the ``leaf_modules=`` fix, when both fail, or
+    naming the module and line that raised when the model's own forward fails on the example inputs.
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"capture needs an nn.Module, got {type(model).__name__}")
@@ -66,6 +67,10 @@ def capture(
                     errors.append(("torch.export.export(strict=False)", exc))
                     break
                 leaves.append(type(model.get_submodule(where)))  # data-dependent code: keep that module opaque
+        with buffers_kept(model):
+            broken = own_failure(model, args, kwargs)  # the model's own error, not a tracer's
+        if broken is not None:
+            raise broken from errors[-1][1]
         try:
             with buffers_kept(model):
                 return from_symbolic_trace(model, args, kwargs, was_training, leaves)

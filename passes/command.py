@@ -95,7 +95,7 @@ def load_factory(target: str, kwargs: dict[str, Any] | None = None) -> tuple[Any
         raise ConfigError(f"{module_name!r} has no callable {attr!r}; callables there: {found}")
     try:
         result = factory(**(kwargs or {}))
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:  # a keyword it does not take, or a value it refuses (--arg)
         raise ConfigError(f"calling {target} with {kwargs or {}} failed: {exc}") from exc
     if not (isinstance(result, tuple) and len(result) == 2):
         raise ConfigError(f"{target} must return (model, example_inputs), got {type(result).__name__}")

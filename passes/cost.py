@@ -21,7 +21,7 @@ from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from bitpipe_fx.passes.graph_form import TRAINING_FLAG, Captured, buffers_kept, compute_nodes
+from bitpipe_fx.passes.graph_form import TRAINING_FLAG, Captured, buffers_kept, compute_nodes, mutated_args
 
 
 @dataclass(frozen=True)
@@ -167,7 +167,7 @@ class _Propagate(fx.Interpreter):
 
 def _writes(node: fx.Node) -> bool:
     """Whether ``node`` or a user of its output updates a value in place."""
-    return bool(_mutated_args(node)) or any(node in _mutated_args(user) for user in node.users)
+    return bool(mutated_args(node)) or any(node in mutated_args(user) for user in node.users)
 
 
 _PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
@@ -222,18 +222,6 @@ def _is_view(node: fx.Node) -> bool:
     return any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns)
 
 
-def _mutated_args(node: fx.Node) -> list[fx.Node]:
-    """Arguments that ``node`` updates in place."""
-    schema = getattr(node.target, "_schema", None)
-    if schema is not None:
-        writes = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
-        bound = dict(zip((a.name for a in schema.arguments), node.args)) | dict(node.kwargs)
-        return [bound[w] for w in writes if isinstance(bound.get(w), fx.Node)]
-    if node.op == "call_method" and str(node.target).endswith("_") and not str(node.target).startswith("_"):
-        return [node.args[0]] if isinstance(node.args[0], fx.Node) else []
-    return []
-
-
 def _state_read(node: fx.Node, captured: Captured, state_names: set[str]) -> tuple[str, ...]:
     if node.op == "call_module":
         module = captured.graph_module.get_submodule(str(node.target))
@@ -263,10 +251,15 @@ def _boundaries(
             if not costs[i].is_tensor:
                 blocked[i + 1] += 1
                 blocked[min(last, m - 1) + 1] -= 1
-        for arg in _mutated_args(node):
+        for arg in mutated_args(node):
             if arg in position:  # an in-place update must stay with the value's producer
                 blocked[position[arg] + 1] += 1
                 blocked[i + 1] -= 1
+            elif arg.op == "placeholder":  # ... and a model input's, with its later reads (passes/input_uses.py)
+                later = max((position.get(u, m) for u in arg.users if position.get(u, m) > i), default=i)
+                if later > i:
+                    blocked[i + 1] += 1
+                    blocked[min(later, m - 1) + 1] -= 1
     crossing, cuttable, live, block = [], [], 0, 0
     for b in range(1, m):
         live += delta[b]

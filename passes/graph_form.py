@@ -104,6 +104,18 @@ def is_free(node: fx.Node) -> bool:
     return node.op == "get_attr" or (node.op == "call_module" and node.target == TRAINING_FLAG)
 
 
+def mutated_args(node: fx.Node) -> list[fx.Node]:
+    """Arguments that ``node`` updates in place."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None:
+        writes = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+        bound = dict(zip((a.name for a in schema.arguments), node.args)) | dict(node.kwargs)
+        return [bound[w] for w in writes if isinstance(bound.get(w), fx.Node)]
+    if node.op == "call_method" and str(node.target).endswith("_") and not str(node.target).startswith("_"):
+        return [node.args[0]] if isinstance(node.args[0], fx.Node) else []
+    return []
+
+
 def compute_nodes(graph: fx.Graph) -> list[fx.Node]:
     """The nodes a partition assigns to stages, in topological (graph) order."""
     return [n for n in graph.nodes if n.op not in ("placeholder", "output") and not is_free(n)]
@@ -279,7 +291,7 @@ def build_module(model: nn.Module, graph: fx.Graph, constants: dict[str, torch.T
         elif node.op == "call_module" and node.target != TRAINING_FLAG:
             root[node.target] = model.get_submodule(node.target)
     gm = fx.GraphModule(tree(root), graph, class_name=type(model).__name__ + "Graph")
-    gm.graph.eliminate_dead_code()
+    gm.graph.eliminate_dead_code(lambda n: n.is_impure() or bool(mutated_args(n)))  # keep in-place updates
     gm.graph.lint()
     gm.recompile()
     gm.train(model.training)

@@ -19,6 +19,7 @@ from torch import fx, nn
 
 from bitpipe_fx.errors import PartitionError
 from bitpipe_fx.passes.graph_form import TRAINING_FLAG, Captured, TrainingFlag, compute_nodes, fetch, is_free, tree
+from bitpipe_fx.passes.input_uses import index_ranges, mutated_inputs
 from bitpipe_fx.passes.stages import RunningStat, SplitModel, StageSpec
 
 
@@ -82,6 +83,7 @@ def split(captured: Captured, partition: Any) -> SplitModel:
         unflatten_output=captured.unflatten_output,
         shared=shared,
         unused=unused,
+        index_ranges=index_ranges(captured),
     )
 
 
@@ -129,6 +131,8 @@ def _build_stage(
         env[node] = graph.placeholder(node.name)
     for node in received:
         env[node] = graph.placeholder(node.name)
+    for node in mutated_inputs(own) & set(placeholders):  # updated in place: on a copy (passes/input_uses.py)
+        env[node] = graph.call_function(torch.ops.aten.clone.default, (env[node],))
     attrs = {target: graph.get_attr(target) for target in state}
     flag: list[fx.Node] = []
 

@@ -28,6 +28,15 @@ class RunningStat:
 
 
 @dataclass(frozen=True)
+class IndexRange:
+    """A model input read directly as the indices of an embedding table: its ids must lie in 0..rows-1."""
+
+    input: str  # the flat model input's name
+    rows: int  # rows of the smallest table it indexes
+    table: str  # that table's FQN (the embedding weight)
+
+
+@dataclass(frozen=True)
 class StageSpec:
     """What stage ``index`` reads, receives, sends and holds."""
 
@@ -51,6 +60,7 @@ class SplitModel:
     unflatten_output: Callable[[Sequence[torch.Tensor]], Any]  # last stage's outputs -> the model's output
     shared: dict[str, tuple[int, ...]] = field(default_factory=dict)  # FQN -> stages holding a copy (tied params)
     unused: tuple[str, ...] = ()  # parameters of the model that no stage reads (they get no gradient)
+    index_ranges: tuple[IndexRange, ...] = ()  # model inputs used as embedding indices, checked on every batch
 
     @property
     def num_stages(self) -> int:

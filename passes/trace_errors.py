@@ -1,4 +1,5 @@
-"""The TraceError of a failed capture: each tracer's first line, the user's code that broke, and the fix."""
+"""The TraceError of a failed capture: each tracer's first line, the user's code that broke, and the fix; or,
+when the model's own forward fails on the example inputs outside any tracer, that failure and where."""
 
 from __future__ import annotations
 
@@ -96,3 +97,22 @@ def trace_error(
             "as one opaque call with leaf_modules=['path.to.submodule']."
         )
     return TraceError("\n".join(lines))
+
+
+def own_failure(model: nn.Module, args: tuple, kwargs: dict) -> TraceError | None:
+    """A TraceError when ``model(*args, **kwargs)`` itself raises (no tracer involved), naming the module whose
+    code raised, the user's line and the exception; None when the plain call works."""
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Exception as exc:
+        where = failing_module(model, exc)
+        module = f"{where} ({type(model.get_submodule(where)).__name__})" if where else f"{type(model).__name__} itself"
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        line = _user_frame(exc)
+        return TraceError(
+            f"{type(model).__name__}'s forward raised {type(exc).__name__}: {first} on the example inputs, in "
+            f"{module}" + (f" at {line}" if line else "") + "; it fails without any tracer too (model(*example_inputs)"
+            "): fix the model or pass example inputs it accepts"
+        )
+    return None

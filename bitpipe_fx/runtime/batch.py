@@ -1,8 +1,9 @@
 """Split a step's batch into N micro-batches and refuse, before anything is sent, a batch that does not fit.
 
 Every flat model input is split along dim 0; each micro-batch must have exactly the traced micro-batch's
-shape and dtype, because message shapes were agreed from it at compile time. Targets (any pytree of
-tensors, or None) are split the same way and must have as many rows as the inputs.
+shape and dtype, because message shapes were agreed from it at compile time. An input the model uses as
+embedding indices must hold ids the table has (passes/input_uses.py). Targets (any pytree of tensors, or None)
+are split the same way and must have as many rows as the inputs.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from bitpipe_fx.errors import ConfigError
-from bitpipe_fx.passes.stages import Inputs, Targets
+from bitpipe_fx.passes.stages import IndexRange, Inputs, Targets
 from bitpipe_fx.runtime.specs import TensorSpec
 
 
@@ -49,11 +50,13 @@ class BatchSplitter:
         flatten_inputs: Callable[[tuple, dict], list[torch.Tensor]],
         traced: dict[str, TensorSpec],
         microbatches: int,
+        index_ranges: Sequence[IndexRange] = (),
     ) -> None:
         self.input_names = tuple(input_names)
         self.flatten_inputs = flatten_inputs
         self.traced = traced
         self.n = microbatches
+        self.index_ranges = {r.input: r for r in index_ranges}
 
     @property
     def rows(self) -> int:
@@ -79,6 +82,8 @@ class BatchSplitter:
         per_name: dict[str, tuple[torch.Tensor, ...]] = {}
         for name, t in zip(self.input_names, flat):
             self._check_input(name, t)
+            if name in self.index_ranges:
+                check_ids(t, name, self.index_ranges[name])
             batch_rows = t.shape[0] if batch_rows is None else batch_rows
             per_name[name] = torch.tensor_split(t, self.n, dim=0)
         if batch_rows is None:
@@ -120,3 +125,20 @@ class BatchSplitter:
                 )
             parts.append(torch.tensor_split(leaf, self.n, dim=0))
         return [pytree.tree_unflatten([p[m] for p in parts], spec) for m in range(self.n)]
+
+
+def check_ids(t: torch.Tensor, name: str, allowed: IndexRange) -> None:
+    """ConfigError naming the first id of input ``name`` that is not a row of the embedding table it indexes."""
+    if t.numel() == 0 or t.is_floating_point():
+        return
+    outside = (t < 0) | (t >= allowed.rows)
+    if not bool(outside.any()):
+        return
+    where = tuple(int(i) for i in outside.nonzero()[0])
+    value = int(t[where])
+    bigger = f", or give the model a table of at least {int(t.max()) + 1} rows" if value >= allowed.rows else ""
+    raise ConfigError(
+        f"model input {name!r} holds id {value} at {list(where)}, but it indexes {allowed.table} with "
+        f"{allowed.rows} rows (ids 0..{allowed.rows - 1}); map the data into that range (a tokenizer of this "
+        f"model){bigger}"
+    )

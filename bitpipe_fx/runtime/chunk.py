@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bitpipe_fx.errors import PipelineRuntimeError
+from bitpipe_fx.errors import ConfigError, PipelineRuntimeError
 from bitpipe_fx.passes.stages import LossFn, RunningStat, SplitModel, StageSpec, Targets
 from bitpipe_fx.runtime import rng, splitbw
 from bitpipe_fx.runtime.buffers import RunningStats
@@ -129,6 +129,12 @@ class Chunk:
             out = self._call(model_inputs, leaves)
             if self.last:
                 loss = self._loss(out, target, scale)
+                if not loss.requires_grad and (self.replica.trainable or any(map(is_floating, leaves))):
+                    raise ConfigError(
+                        f"the loss of micro-batch {m} does not require grad: loss_fn (or the model's forward) cut it "
+                        "from the autograd graph (.detach(), .item(), torch.no_grad(), a new tensor), so no "
+                        "parameter would get a gradient; compute the loss from the model's output with tensor ops"
+                    )
                 roots, index = ([loss], [0]) if loss.requires_grad else ([], [])
                 result: tuple[torch.Tensor, ...] | torch.Tensor = loss
             else:

@@ -156,8 +156,6 @@ def prepare(cfg: TrainConfig) -> tuple[TrainConfig, Any, Any, Any]:
 
     model, example = build_model(cfg)
     cfg = resolve(cfg, example)
-    if cfg.task not in ("lm", "mlm"):
-        raise ConfigError(f"--task {cfg.task!r} is unknown; use lm or mlm")
     corpus = load_corpus(cfg.data, cfg.max_bytes)
     Batches(corpus, cfg.task, cfg.batch_size, cfg.seq_len, cfg.seed)
     check_vocab(model, corpus)

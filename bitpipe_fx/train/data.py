@@ -78,7 +78,7 @@ def _is_text(data: bytes) -> bool:
 def load_corpus(path: str | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> Corpus:
     """The standard library's sources (``path`` None or "stdlib"), or a text file or directory."""
     if max_bytes < 1:
-        raise ConfigError(f"max_bytes must be >= 1, got {max_bytes}")
+        raise ConfigError(f"--max-bytes (max_bytes) must be >= 1, got {max_bytes}")
     if path is None or path == STDLIB:
         root = stdlib_root()
         files = list_files(root, ".py", SKIP_DIRS)

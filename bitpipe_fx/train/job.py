@@ -105,7 +105,7 @@ def check(cfg: TrainConfig) -> None:
 
     for name, flag in (("devices", "--devices"), ("microbatches", "--microbatches"), ("steps", "--steps"),
                        ("data_parallel", "--data-parallel"), ("eval_batches", "--eval-batches"),
-                       ("threads", "--threads")):
+                       ("threads", "--threads"), ("max_bytes", "--max-bytes")):
         _positive(name, getattr(cfg, name), flag)
     if cfg.optimizer not in OPTIMIZERS:
         raise ConfigError(f"optimizer {cfg.optimizer!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
@@ -113,8 +113,14 @@ def check(cfg: TrainConfig) -> None:
         raise ConfigError(f"dtype {cfg.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     if cfg.lr is not None and not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise ConfigError(f"--lr must be a positive number, got {cfg.lr}")
-    if cfg.warmup < 0 or cfg.save_every < 0 or cfg.compare_steps < 0 or (cfg.eval_every or 0) < 0:
-        raise ConfigError("--warmup, --save-every, --eval-every and --compare-steps must be >= 0")
+    for name, flag in (("warmup", "--warmup"), ("save_every", "--save-every"), ("eval_every", "--eval-every"),
+                       ("compare_steps", "--compare-steps"), ("seed", "--seed")):
+        value = getattr(cfg, name)
+        if value is not None and (not isinstance(value, int) or value < 0):
+            raise ConfigError(f"{flag} must be an integer >= 0, got {value!r}")
+    if cfg.task is not None and cfg.task not in ("lm", "mlm"):
+        raise ConfigError(f"--task {cfg.task!r} is unknown; use lm (causal) or mlm (masked), or leave it out "
+                          "(taken from the model's example inputs)")
     if not (cfg.weight_decay >= 0 and math.isfinite(cfg.weight_decay)):
         raise ConfigError(f"--weight-decay must be a number >= 0, got {cfg.weight_decay}")
     if cfg.record_step is not None and not 1 <= cfg.record_step <= cfg.steps:
@@ -122,8 +128,8 @@ def check(cfg: TrainConfig) -> None:
                           "(--steps) or leave it out (the third step, or the last, is recorded)")
     if cfg.resume and cfg.overwrite:
         raise ConfigError("--resume continues the run in --out and --overwrite replaces it; pass one of them")
-    if cfg.timeout <= 0:
-        raise ConfigError(f"--timeout must be > 0 seconds, got {cfg.timeout}")
+    if not (cfg.timeout > 0 and math.isfinite(cfg.timeout)):
+        raise ConfigError(f"--timeout must be a finite number of seconds > 0, got {cfg.timeout}")
     if cfg.precision not in PRECISIONS:
         raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
     if cfg.precision == "bf16-mixed" and cfg.dtype != "float32":
