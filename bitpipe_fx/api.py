@@ -27,6 +27,7 @@ from bitpipe_fx.matching import compile_settings
 from bitpipe_fx.passes.capture import tied_names
 from bitpipe_fx.passes.stages import Inputs, LossFn, SplitModel, Targets
 from bitpipe_fx.plan import Plan
+from bitpipe_fx.recompute import check_mode, with_recompute
 from bitpipe_fx.runtime import dcp as checkpoint_dcp
 from bitpipe_fx.runtime import nonfinite
 from bitpipe_fx.runtime.batch import BatchSplitter, as_call
@@ -44,6 +45,7 @@ from bitpipe_fx.runtime.state import (
 )
 from bitpipe_fx.runtime.timeline import write_timeline
 from bitpipe_fx.schedules.ir import Program
+from bitpipe_fx.schedules.spec import AUTO, parse_bytes
 from bitpipe_fx.schedules.validate import validate
 from bitpipe_fx.sim.trace import TraceEvent
 
@@ -84,6 +86,7 @@ class CompiledPipeline:
         source: nn.Module | None = None,
         seed: int = 0,
         on_nonfinite: str = "raise",
+        recompute: tuple[bool, ...] = (),
     ) -> None:
         if program.stages != split.num_stages:
             raise ConfigError(
@@ -102,7 +105,11 @@ class CompiledPipeline:
                 f"optimizer must be a factory called with the local parameters, e.g. "
                 f"lambda params: torch.optim.AdamW(params, lr=1e-3); got {type(optimizer).__name__}"
             )
+        if recompute and len(recompute) != program.stages:
+            raise ConfigError(f"recompute has {len(recompute)} flags but the program has {program.stages} stages; "
+                              "give one per stage (or none)")
         validate(program)
+        self.recompute = tuple(bool(f) for f in recompute)
         self._unflatten = split.unflatten_output
         self.program, self.plan, self.loss_fn = program, plan, loss_fn
         self.data_parallel, self.timeout, self.trace_path = data_parallel, timeout, trace_path
@@ -114,10 +121,10 @@ class CompiledPipeline:
         self.executor: LocalExecutor | DistributedExecutor
         if self.distributed:
             self.executor = DistributedExecutor(program, split, loss_fn, specs, data_parallel, timeout, lookahead,
-                                                seed)
+                                                seed, self.recompute)
             self.rank = self.executor.rank
         else:
-            self.executor = LocalExecutor(program, split, loss_fn, specs, data_parallel, seed)
+            self.executor = LocalExecutor(program, split, loss_fn, specs, data_parallel, seed, self.recompute)
             self.rank = 0
         self._state_keys, self._canonical = state_names or ([], {})
         self._source = source  # the compiled model: its class and config for a Hugging Face export
@@ -315,6 +322,8 @@ def compile(
     leaf_modules: tuple[str | type[nn.Module], ...] = (),
     seed: int = 0,
     on_nonfinite: str = "raise",
+    recompute: str | None = None,
+    memory_limit: float | str | None = None,
     **schedule_options: object,
 ) -> CompiledPipeline:
     """Capture, partition, split and schedule ``model``; returns a pipeline that trains it.
@@ -326,25 +335,32 @@ def compile(
     distributed step; ``leaf_modules``: submodules (FQNs or classes) that run as one opaque call each;
     ``seed``: keys the random streams (dropout) of every micro-batch with the step number (runtime.rng), so
     results do not depend on the schedule; ``on_nonfinite``: "raise" (NonFiniteError) or "skip" (drop that
-    step's update on every rank and count it in ``skipped_steps``).
+    step's update on every rank and count it in ``skipped_steps``); ``recompute``: "none" (default), "full"
+    or "auto" (the fewest stages recomputed that fit ``memory_limit``, peak bytes per device such as "12GiB";
+    bitpipe_fx.recompute), applied to a given plan too; ``memory_limit`` also bounds ``schedule="auto"``.
     """
     if isinstance(plan, (str, Path)):
         plan = Plan.load(plan)
+    if memory_limit is not None and (recompute != "auto" or str(schedule).partition(":")[0].strip() == AUTO):
+        schedule_options = {**schedule_options, "memory_limit": memory_limit}  # the bound of schedule="auto"
     spec, devices, microbatches = compile_settings(plan, schedule, devices, microbatches, schedule_options)
     distributed = join_from_env(DEFAULT_TIMEOUT * 2)
     if plan is None:
         if distributed:  # before planning, so that a wrong world fails before the model is captured
             check_world(devices, data_parallel)
+        options = ({"memory_limit": memory_limit} if recompute == "auto" else {}) | spec.kwargs()
         plan, split = build_plan(model, example_inputs, spec.name, devices, microbatches, leaf_modules=leaf_modules,
-                                 **spec.kwargs())
+                                 recompute=check_mode(recompute or "none"), **options)
     else:
         split = split_from_plan(model, example_inputs, plan, leaf_modules=leaf_modules)
+        if recompute is not None:
+            plan = with_recompute(plan, check_mode(recompute), parse_bytes(memory_limit))
     if distributed:
         plan, split = _agree_on_plan(plan, split, model, example_inputs, leaf_modules)
     return CompiledPipeline(
         split, plan.program, loss_fn, example_inputs, optimizer=optimizer, data_parallel=data_parallel, plan=plan,
         timeout=timeout, trace_path=trace_path, state_names=_state_names(model), source=model, seed=seed,
-        on_nonfinite=on_nonfinite,
+        on_nonfinite=on_nonfinite, recompute=plan.recompute,
     )
 
 

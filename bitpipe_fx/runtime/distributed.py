@@ -62,6 +62,7 @@ class DistributedExecutor:
         timeout: float,
         lookahead: int = 4,
         seed: int = 0,
+        recompute: tuple[bool, ...] = (),
     ) -> None:
         self.program, self.dp, self.timeout, self.seed = program, data_parallel, timeout, seed
         self.rank, self.world = check_world(program.devices, data_parallel)
@@ -73,7 +74,7 @@ class DistributedExecutor:
             for p in [dict(split.stages[stages[0]].named_parameters()).get(fqn)]
             if p is not None and p.requires_grad
         }
-        replicas, chunks = build_device(split, program.placement, self.device, loss_fn)
+        replicas, chunks = build_device(split, program.placement, self.device, loss_fn, recompute)
         self.local_replicas = replicas
         self.gradsync = GradSync(program.placement, data_parallel, replicas, split.shared, shared_specs, timeout)
         device = next((p.device for r in replicas.values() for p in r.params.values()), torch.device("cpu"))
