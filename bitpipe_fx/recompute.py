@@ -12,9 +12,8 @@ from dataclasses import replace
 
 from bitpipe_fx.errors import ConfigError
 from bitpipe_fx.plan import Plan
+from bitpipe_fx.sim.memory import RECOMPUTE_MODES as MODES
 from bitpipe_fx.sim.memory import choose_recompute
-
-MODES = ("none", "full", "auto")
 
 
 def check_mode(value: object) -> str:

@@ -4,8 +4,9 @@ Shapes come from running the graph once on FakeTensors (no real compute, no memo
 real example inputs when a node cannot run on fake tensors (e.g. an opaque leaf module with data-dependent
 control flow). FLOPs of matmul, linear, convolution and attention come from ``torch.utils.flop_counter``; any
 other op that computes (elementwise, reductions, normalisation, gathers) counts one FLOP per output element;
-views count zero. The same table feeds the partitioner (loads, bytes crossing each cut) and, through the
-plan, the simulator's cost model.
+views count zero. The tensors autograd saves come from passes/saved.py, per stage with each tensor once. The
+same table feeds the partitioner (loads, bytes crossing each cut) and, through the plan, the simulator's
+cost model and the memory model (sim/memory.py).
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class CostTable:
     crossing_bytes: tuple[int, ...]  # bytes of the values live across each boundary
     cuttable: tuple[bool, ...]  # False where a non-tensor value or an in-place update would cross
     saved: tuple[SavedValue, ...] = ()  # tensors autograd saves in one forward, with the nodes saving them
+    output_bytes: int = 0  # bytes of the model's outputs: what the loss keeps for its backward (log-softmax's)
 
     @property
     def flops(self) -> list[int]:
@@ -83,7 +85,9 @@ class CostTable:
         for k in range(len(bounds) - 1):
             own = self.nodes[bounds[k] : bounds[k + 1]]
             params = sorted({s for n in own for s in n.state if s in self.param_bytes})
-            sent = self.crossing_bytes[bounds[k + 1] - 1] if k < len(bounds) - 2 else 0
+            last = k == len(bounds) - 2
+            sent = 0 if last else self.crossing_bytes[bounds[k + 1] - 1]
+            received = self.crossing_bytes[bounds[k] - 1] if k > 0 else 0
             rows.append(
                 StageCost(
                     index=k,
@@ -95,13 +99,17 @@ class CostTable:
                     bytes_sent=sent,
                     first_node=own[0].name,
                     last_node=own[-1].name,
-                    saved_bytes=sum(v.nbytes for v in self.saved
-                                    if any(bounds[k] <= i < bounds[k + 1] for i in v.savers)),
-                    weight_grad_bytes=sent + sum(n.weight_grad_bytes for n in own),
-                    input_bytes=self.crossing_bytes[bounds[k] - 1] if k > 0 else 0,
+                    saved_bytes=self._saved_in(bounds[k], bounds[k + 1]) + (self.output_bytes if last else 0),
+                    # a stage without inputs to differentiate leaves its whole backward to W (runtime/chunk.py)
+                    weight_grad_bytes=sent + (sum(n.weight_grad_bytes for n in own) if received else 0),
+                    input_bytes=received,
                 )
             )
         return tuple(rows)
+
+    def _saved_in(self, start: int, end: int) -> int:
+        """Bytes of the saved tensors that some node in positions [start, end) saves (each counted once)."""
+        return sum(v.nbytes for v in self.saved if any(start <= i < end for i in v.savers))
 
 
 def estimate_costs(captured: Captured) -> CostTable:
@@ -141,7 +149,13 @@ def estimate_costs(captured: Captured) -> CostTable:
         crossing_bytes=crossing,
         cuttable=cuttable,
         saved=saved_values(captured),
+        output_bytes=sum(costs[position[n]].out_bytes for n in _output_node(captured.graph).all_input_nodes
+                         if n in position),
     )
+
+
+def _output_node(graph: fx.Graph) -> fx.Node:
+    return next(n for n in graph.nodes if n.op == "output")
 
 
 class _Propagate(fx.Interpreter):

@@ -45,6 +45,8 @@ CASES = [
     ([*TINY, "--dtype", "float16"], "dtype 'float16' is not supported"),
     ([*TINY, "--local", "--data-parallel", "2", "--batch-size", "8"], "--local runs every device in one process"),
     (["--steps", "0"], "--steps must be a positive integer, got 0"),
+    (["--recompute", "sometimes"], "--recompute must be one of none, full, auto, got 'sometimes'"),
+    (["--recompute", "auto"], "--recompute auto needs --memory-limit"),
 ]
 
 

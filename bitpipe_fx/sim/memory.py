@@ -28,6 +28,7 @@ from bitpipe_fx.schedules.comm import consumed_value
 from bitpipe_fx.schedules.ir import Program
 
 KINDS = ("params", "grads", "optimizer", "activations", "comm")
+RECOMPUTE_MODES = ("none", "full", "auto")  # compile(recompute=...): bitpipe_fx.recompute chooses the stages
 
 
 @dataclass(frozen=True)

@@ -161,7 +161,8 @@ def worker(cfg: TrainConfig, plan_path: str | None, start: int, history: History
     batches = Batches(load_corpus(cfg.data, cfg.max_bytes), cfg.task, cfg.batch_size, cfg.seq_len, cfg.seed)
     pipe = bp.compile(model, example, loss_fn, cfg.schedule, cfg.devices, cfg.microbatches,
                       optimizer=optimizer_factory(cfg), data_parallel=cfg.data_parallel, plan=plan_path,
-                      timeout=cfg.timeout, seed=cfg.seed, on_nonfinite=cfg.on_nonfinite, **dict(cfg.schedule_options))
+                      timeout=cfg.timeout, seed=cfg.seed, on_nonfinite=cfg.on_nonfinite, recompute=cfg.recompute,
+                      memory_limit=cfg.memory_limit, **dict(cfg.schedule_options))
     del model
     pipe.train()
     if rank == 0 and plan_path is None:

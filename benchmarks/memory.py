@@ -1,0 +1,293 @@
+"""Peak memory per device: measured against the memory model's prediction, with and without recomputation.
+
+The examples' 8-layer GPT at D = 4, N = 8, float32, Schedule-Free AdamW, every family with ``recompute="none"``
+and ``"full"``. Measured on CPU in one process (the local executor, every device's replicas in it): parameters,
+gradient buffers and optimizer state by the bytes of each device's tensors, and activations as the largest
+number of bytes alive at once on each device during a step: the tensors autograd saves (counted through
+``torch.autograd.graph.saved_tensors_hooks``, from pack until the graph frees them) and the tensors the runtime
+keeps between actions (received inputs, outputs awaiting their backward, a recomputed stage's inputs, the
+gradients an I keeps for its W), each storage once per device. The prediction is ``Plan.memory()``
+(bitpipe_fx/sim/memory.py) without its communication buffers: the local executor has no receive buffers (they
+are reported as predicted only). Transient gradient tensors inside one backward are in neither.
+
+torch.distributed.pipelining needs one process per rank, so it runs in 4 gloo processes (its GPipe, 1F1B,
+Interleaved1F1B, ZBVZeroBubble and DualPipeV on the hand-cut stages of benchmarks/vs_torch_pipelining.py); each
+rank counts the same saved tensors, and its parameters and gradients. It has no recomputation switch, so its
+rows are for "none" only.
+
+    python benchmarks/memory.py           # ~1 min on 2 CPU cores
+    python benchmarks/memory.py --smoke   # a smaller model, three families, no torch run
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch
+import torch.distributed as dist
+from _common import Column, machine_info, machine_line, markdown_table, parser, write_results
+
+import bitpipe_fx as bp
+from bitpipe_fx.examples.models import gpt, lm_batch, lm_loss
+from bitpipe_fx.runtime.launch import launch
+from bitpipe_fx.schedules import SCHEDULES
+
+FULL = {"model": {"vocab": 512, "seq": 64, "dim": 128, "heads": 4, "layers": 8, "micro_batch": 2},
+        "devices": 4, "microbatches": 8, "families": tuple(sorted(SCHEDULES)), "torch": True}
+SMOKE = {"model": {"vocab": 64, "seq": 16, "dim": 32, "heads": 2, "layers": 8, "micro_batch": 1},
+         "devices": 4, "microbatches": 8, "families": ("1f1b", "zbv", "bitpipe"), "torch": False}
+TORCH_FAMILIES = {"gpipe": ("ScheduleGPipe", 1, "loop"), "1f1b": ("Schedule1F1B", 1, "loop"),
+                  "interleaved": ("ScheduleInterleaved1F1B", 2, "loop"), "zbv": ("ScheduleZBVZeroBubble", 2, "v"),
+                  "dualpipev": ("ScheduleDualPipeV", 2, "v")}
+MODES = ("none", "full")
+GOAL = 0.15  # |predicted - measured| / measured of the peak per device
+
+
+class Live:
+    """Bytes alive per device: storages with a reference count, the total, and its high-water mark."""
+
+    def __init__(self, devices: int) -> None:
+        self.refs: list[dict[int, list[int]]] = [{} for _ in range(devices)]
+        self.total, self.peak = [0] * devices, [0] * devices
+
+    def add(self, d: int, key: int, nbytes: int) -> None:
+        entry = self.refs[d].setdefault(key, [nbytes, 0])
+        entry[1] += 1
+        if entry[1] == 1:
+            self.total[d] += nbytes
+            self.peak[d] = max(self.peak[d], self.total[d])
+
+    def drop(self, d: int, key: int) -> None:
+        entry = self.refs[d][key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.total[d] -= entry[0]
+            del self.refs[d][key]
+
+
+class _Packed:
+    """A saved tensor with its device; the count drops when autograd frees it."""
+
+    __slots__ = ("d", "key", "live", "tensor")
+
+    def __init__(self, tensor: torch.Tensor, d: int, key: int, live: list[Live]) -> None:
+        self.tensor, self.d, self.key, self.live = tensor, d, key, live
+
+    def __del__(self) -> None:
+        for live in self.live:
+            live.drop(self.d, self.key)
+
+
+def _key(t: torch.Tensor) -> tuple[int, int]:
+    storage = t.untyped_storage()
+    return storage.data_ptr(), storage.nbytes()
+
+
+class Meter:
+    """Counts one step's activation bytes per device: saved tensors (``saved``) and, in ``held``, also what
+    the chunks keep between actions."""
+
+    def __init__(self, devices: int, exclude: set[int]) -> None:
+        self.saved, self.held = Live(devices), Live(devices)
+        self.exclude, self.device = exclude, 0
+        self.kept: list[set[tuple[int, int]]] = [set() for _ in range(devices)]
+
+    def pack(self, t: torch.Tensor) -> object:
+        ptr, nbytes = _key(t)
+        if ptr in self.exclude or nbytes == 0:
+            return t
+        for live in (self.saved, self.held):
+            live.add(self.device, ptr, nbytes)
+        # detached: a saved output holding its own grad_fn would make a cycle that outlives a split backward
+        return _Packed(t.detach(), self.device, ptr, [self.saved, self.held])
+
+    @staticmethod
+    def unpack(packed: object) -> torch.Tensor:
+        return packed.tensor if isinstance(packed, _Packed) else packed  # type: ignore[return-value]
+
+    def keep(self, d: int, tensors: Iterable[torch.Tensor]) -> None:
+        """After an action of device d: what its chunks hold now replaces what they held before."""
+        now = {_key(t) for t in tensors if t.is_floating_point() and _key(t)[0] not in self.exclude}
+        for key in now - self.kept[d]:
+            self.held.add(d, *key)
+        for ptr, _ in self.kept[d] - now:
+            self.held.drop(d, ptr)
+        self.kept[d] = now
+
+
+def chunk_tensors(chunks: Iterable[Any]) -> list[torch.Tensor]:
+    """Every tensor the chunks keep for pending backwards (runtime/chunk.py's _Saved)."""
+    out: list[torch.Tensor] = []
+    for c in chunks:
+        for s in c.saved.values():
+            out += [*s.leaves, *s.roots, *(s.out_grads or [])]
+            if s.stash is not None:
+                out += [t for t in s.stash.received if isinstance(t, torch.Tensor)]
+            if s.deferred is not None:
+                out += [g for grads in s.deferred.recorded.values() for g in grads if g is not None]
+                out += [g for _, g in s.deferred.eager]
+    return out
+
+
+def measure_bitpipe(family: str, mode: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """One family and recompute mode: measured and predicted bytes per device, by kind."""
+    torch.manual_seed(0)
+    model, example = gpt(**cfg["model"])
+    d, n = cfg["devices"], cfg["microbatches"]
+    pipe = bp.compile(model, example, lm_loss, schedule=family, devices=d, microbatches=n, recompute=mode,
+                      optimizer=lambda params: bp.optim.ScheduleFreeAdamW(params, lr=1e-3))
+    mc = cfg["model"]
+    tokens, targets = lm_batch(mc["vocab"], n * mc["micro_batch"], mc["seq"], seed=1)
+    pipe.step(tokens, targets)  # creates the optimizer state
+    executor = pipe.executor
+    weights = [list(reps.values()) for reps in executor.device_replicas]
+    params = [{_key(p) for r in reps for p in r.module.parameters()} for reps in weights]
+    meter = Meter(d, {ptr for device in params for ptr, _ in device})
+    for it in executor._train:  # the benchmark's instrumentation: which device runs, and what it keeps after
+        it.run_next = _metered(it, meter)
+    with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+        pipe.forward_backward(tokens, targets)
+    state = _optimizer_bytes(pipe.optimizer, weights)
+    predicted = pipe.plan.memory()
+    rows = []
+    for k in range(d):
+        measured = {"params": sum(b for _, b in params[k]),
+                    "grads": sum(f.numel() * f.element_size() for r in weights[k] for f in r.flat_grads),
+                    "optimizer": state[k], "activations": meter.held.peak[k]}
+        measured["total"] = sum(measured.values())
+        p = predicted[k]
+        rows.append({"device": k, "measured": measured, "saved_only": meter.saved.peak[k],
+                     "predicted": p.to_dict(), "predicted_total": p.total - p.comm})
+    return {"family": family, "recompute": mode, "stages": pipe.program.stages, "devices": rows,
+            "recomputed": sum(c.recomputed for it in executor._train for c in it.chunks.values())}
+
+
+def _metered(it: Any, meter: Meter) -> Any:
+    run = it.run_next
+
+    def run_next() -> None:
+        meter.device = it.device
+        run()
+        meter.keep(it.device, chunk_tensors(it.chunks.values()))
+
+    return run_next
+
+
+def _optimizer_bytes(optimizer: torch.optim.Optimizer, weights: list[list[Any]]) -> list[int]:
+    """Optimizer-state tensor bytes of each device's parameters."""
+    out = []
+    for reps in weights:
+        tensors = [t for r in reps for p in r.module.parameters() for t in optimizer.state.get(p, {}).values()
+                   if isinstance(t, torch.Tensor)]
+        out.append(sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values()))
+    return out
+
+
+# ---- torch.distributed.pipelining, one process per rank ----------------------------------------------------
+
+
+def torch_rank(cfg: dict[str, Any], families: tuple[str, ...]) -> dict[str, Any]:
+    """On each of D ranks: every torch family's peak saved-tensor bytes, parameters and gradients."""
+    import vs_torch_pipelining as vs  # the hand-cut stages and torch schedule set-up, shared
+
+    out = {}
+    for family in families:
+        vs.TORCH_SCHEDULES.setdefault(family, TORCH_FAMILIES[family])  # gpipe is not in that benchmark
+        runner = vs.setup_torch(family, cfg["model"], cfg["microbatches"])
+        runner.step()  # warm-up: gradients exist after it
+        modules = runner.parameters()
+        meter = Meter(1, {_key(p)[0] for p in modules})
+        with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+            runner.step()
+        grads = {_key(p.grad) for p in modules if p.grad is not None}
+        out[family] = {"saved": meter.saved.peak[0], "params": sum(b for _, b in {_key(p) for p in modules}),
+                       "grads": sum(b for _, b in grads)}
+        dist.barrier()
+    return out
+
+
+# ---- driver -------------------------------------------------------------------------------------------------
+
+
+def residual(predicted: float, measured: float) -> float:
+    return (predicted - measured) / measured if measured else 0.0
+
+
+def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (family, mode): the worst device's measured and predicted peak and the largest residual."""
+    rows = []
+    for run in runs:
+        devices = run["devices"]
+        worst = max(devices, key=lambda r: r["measured"]["total"])
+        res = [residual(r["predicted_total"], r["measured"]["total"]) for r in devices]
+        act = [residual(r["predicted"]["activations"], r["measured"]["activations"]) for r in devices]
+        rows.append({
+            "family": run["family"], "recompute": run["recompute"], "stages": run["stages"],
+            "peak_mb": worst["measured"]["total"] / 2**20, "predicted_mb": worst["predicted_total"] / 2**20,
+            "act_mb": max(r["measured"]["activations"] for r in devices) / 2**20,
+            "pred_act_mb": max(r["predicted"]["activations"] for r in devices) / 2**20,
+            "weights_mb": max(r["measured"]["params"] + r["measured"]["grads"] + r["measured"]["optimizer"]
+                              for r in devices) / 2**20,
+            "comm_mb": max(r["predicted"]["comm"] for r in devices) / 2**20,
+            "residual": max(res, key=abs), "act_residual": max(act, key=abs),
+            "per_device_mb": " ".join(f"{r['measured']['total'] / 2**20:.2f}" for r in devices),
+            "within_goal": all(abs(x) <= GOAL for x in res),
+        })
+    by_key = {(r["family"], r["recompute"]): r for r in rows}
+    for r in rows:
+        base = by_key.get((r["family"], "none"))
+        r["act_vs_none"] = r["act_mb"] / base["act_mb"] if base and base["act_mb"] else None
+    return rows
+
+
+COLUMNS = [Column("family", "schedule"), Column("recompute", "recompute"), Column("stages", "S"),
+           Column("peak_mb", "peak MiB (worst device)", ".3f"), Column("predicted_mb", "predicted MiB", ".3f"),
+           Column("residual", "residual (worst)", "+.1%"), Column("act_mb", "activations MiB", ".3f"),
+           Column("pred_act_mb", "predicted act. MiB", ".3f"), Column("act_residual", "act. residual", "+.1%"),
+           Column("act_vs_none", "act. / none", ".2f"), Column("weights_mb", "weights+grads+state MiB", ".3f"),
+           Column("comm_mb", "recv buffers MiB (predicted)", ".3f"), Column("per_device_mb", "measured MiB per device")]
+TORCH_COLUMNS = [Column("family", "schedule"), Column("torch_saved_mb", "torch saved MiB (max rank)", ".3f"),
+                 Column("bitpipe_saved_mb", "bitpipe_fx saved MiB (max device)", ".3f"),
+                 Column("torch_weights_mb", "torch params+grads MiB", ".3f"),
+                 Column("bitpipe_weights_mb", "bitpipe_fx params+grads MiB", ".3f")]
+
+
+def main() -> None:
+    args = parser(__doc__.splitlines()[0]).parse_args()
+    cfg = SMOKE if args.smoke else FULL
+    info = machine_info()
+    runs = [measure_bitpipe(f, m, cfg) for f in cfg["families"] for m in MODES]
+    rows = summarise(runs)
+    compare = []
+    if cfg["torch"]:
+        families = tuple(f for f in TORCH_FAMILIES if f in cfg["families"])
+        ranks = launch(torch_rank, cfg["devices"], args=(cfg, families), backend="gloo")
+        for f in families:
+            mine = next(r for r in runs if r["family"] == f and r["recompute"] == "none")["devices"]
+            compare.append({
+                "family": f, "torch_saved_mb": max(r[f]["saved"] for r in ranks) / 2**20,
+                "bitpipe_saved_mb": max(r["saved_only"] for r in mine) / 2**20,
+                "torch_weights_mb": max(r[f]["params"] + r[f]["grads"] for r in ranks) / 2**20,
+                "bitpipe_weights_mb": max(r["measured"]["params"] + r["measured"]["grads"] for r in mine) / 2**20,
+            })
+    worst = max(rows, key=lambda r: abs(r["residual"]))
+    md = [f"## Peak memory per device: measured vs the memory model (D={cfg['devices']}, N={cfg['microbatches']})",
+          "", machine_line(info), "",
+          f"GPT {cfg['model']}, float32, Schedule-Free AdamW. Largest residual of the predicted peak: "
+          f"{worst['residual']:+.1%} ({worst['family']}, recompute={worst['recompute']}); goal ±{GOAL:.0%}.", "",
+          markdown_table(rows, COLUMNS)]
+    if compare:
+        md += ["", "### Against torch.distributed.pipelining (recompute none; torch on hand-cut stages)", "",
+               markdown_table(compare, TORCH_COLUMNS)]
+    write_results(args.out, "memory", {"machine": info, "config": cfg, "runs": runs, "rows": rows,
+                                        "torch": compare, "goal": GOAL}, "\n".join(md))
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
