@@ -21,6 +21,7 @@ rows are for "none" only.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -33,9 +34,15 @@ import torch.distributed as dist
 from _common import Column, machine_info, machine_line, markdown_table, parser, write_results
 
 import bitpipe_fx as bp
+from bitpipe_fx.api import CompiledPipeline
+from bitpipe_fx.compiler import build_plan
+from bitpipe_fx.errors import ConfigError
 from bitpipe_fx.examples.models import gpt, lm_batch, lm_loss
+from bitpipe_fx.plan import Plan
+from bitpipe_fx.recompute import with_recompute
 from bitpipe_fx.runtime.launch import launch
 from bitpipe_fx.schedules import SCHEDULES
+from bitpipe_fx.sim import simulate
 
 FULL = {"model": {"vocab": 512, "seq": 64, "dim": 128, "heads": 4, "layers": 8, "micro_batch": 2},
         "devices": 4, "microbatches": 8, "families": tuple(sorted(SCHEDULES)), "torch": True}
@@ -134,13 +141,17 @@ def chunk_tensors(chunks: Iterable[Any]) -> list[torch.Tensor]:
     return out
 
 
-def measure_bitpipe(family: str, mode: str, cfg: dict[str, Any]) -> dict[str, Any]:
-    """One family and recompute mode: measured and predicted bytes per device, by kind."""
-    torch.manual_seed(0)
+def measure_bitpipe(family: str, cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """One family under every recompute mode (one capture): measured and predicted bytes per device, by kind."""
     model, example = gpt(**cfg["model"])
+    plan, split = build_plan(model, example, family, cfg["devices"], cfg["microbatches"])
+    return [_measure(with_recompute(plan, mode, None), split, example, cfg) for mode in MODES]
+
+
+def _measure(plan: Plan, split: Any, example: tuple[torch.Tensor, ...], cfg: dict[str, Any]) -> dict[str, Any]:
     d, n = cfg["devices"], cfg["microbatches"]
-    pipe = bp.compile(model, example, lm_loss, schedule=family, devices=d, microbatches=n, recompute=mode,
-                      optimizer=lambda params: bp.optim.ScheduleFreeAdamW(params, lr=1e-3))
+    pipe = CompiledPipeline(split, plan.program, lm_loss, example, plan=plan, recompute=plan.recompute,
+                            optimizer=lambda params: bp.optim.ScheduleFreeAdamW(params, lr=1e-3))
     mc = cfg["model"]
     tokens, targets = lm_batch(mc["vocab"], n * mc["micro_batch"], mc["seq"], seed=1)
     pipe.step(tokens, targets)  # creates the optimizer state
@@ -153,7 +164,7 @@ def measure_bitpipe(family: str, mode: str, cfg: dict[str, Any]) -> dict[str, An
     with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
         pipe.forward_backward(tokens, targets)
     state = _optimizer_bytes(pipe.optimizer, weights)
-    predicted = pipe.plan.memory()
+    predicted = plan.memory()
     rows = []
     for k in range(d):
         measured = {"params": sum(b for _, b in params[k]),
@@ -163,7 +174,8 @@ def measure_bitpipe(family: str, mode: str, cfg: dict[str, Any]) -> dict[str, An
         p = predicted[k]
         rows.append({"device": k, "measured": measured, "saved_only": meter.saved.peak[k],
                      "predicted": p.to_dict(), "predicted_total": p.total - p.comm})
-    return {"family": family, "recompute": mode, "stages": pipe.program.stages, "devices": rows,
+    mode = "full" if plan.recompute else "none"
+    return {"family": plan.schedule, "recompute": mode, "stages": plan.num_stages, "devices": rows,
             "recomputed": sum(c.recomputed for it in executor._train for c in it.chunks.values())}
 
 
@@ -247,7 +259,7 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 COLUMNS = [Column("family", "schedule"), Column("recompute", "recompute"), Column("stages", "S"),
            Column("peak_mb", "peak MiB (worst device)", ".3f"), Column("predicted_mb", "predicted MiB", ".3f"),
-           Column("residual", "residual (worst)", "+.1%"), Column("act_mb", "activations MiB", ".3f"),
+           Column("residual", "largest residual", "+.1%"), Column("act_mb", "activations MiB", ".3f"),
            Column("pred_act_mb", "predicted act. MiB", ".3f"), Column("act_residual", "act. residual", "+.1%"),
            Column("act_vs_none", "act. / none", ".2f"), Column("weights_mb", "weights+grads+state MiB", ".3f"),
            Column("comm_mb", "recv buffers MiB (predicted)", ".3f"), Column("per_device_mb", "measured MiB per device")]
@@ -257,11 +269,86 @@ TORCH_COLUMNS = [Column("family", "schedule"), Column("torch_saved_mb", "torch s
                  Column("bitpipe_weights_mb", "bitpipe_fx params+grads MiB", ".3f")]
 
 
+def auto_choices(cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """What recompute="auto" picks under three limits, for bitpipe alone and searched with the schedule: from a
+    little under the smallest peak storing every activation to a little over the smallest recomputing all."""
+    model, example = gpt(**cfg["model"])
+    d, n = cfg["devices"], cfg["microbatches"]
+    rows = []
+    for schedule in ("bitpipe", "auto"):
+        stored, full = (_smallest_peak(model, example, schedule, d, n, mode) for mode in ("none", "full"))
+        for name, limit in (("loose", stored - 0.1 * (stored - full)), ("middle", (stored + full) / 2),
+                            ("tight", full + 0.05 * (stored - full))):
+            got, _ = build_plan(model, example, schedule, d, n, recompute="auto", memory_limit=limit)
+            again = [s for s, f in enumerate(got.recompute) if f]
+            rows.append({"limit": name, "limit_mib": limit / 2**20, "schedule": schedule,
+                         "chosen": got.search.winner.spec if got.search else got.schedule,
+                         "recomputed": ",".join(map(str, again)) or "none", "of": got.num_stages,
+                         "predicted_peak_mib": max(m.total for m in got.memory()) / 2**20,
+                         "predicted_step_us": 1e6 * simulate(got.program, got.cost_model()).makespan})
+    return rows
+
+
+def _smallest_peak(model: Any, example: tuple, schedule: str, d: int, n: int, mode: str) -> float:
+    """The smallest predicted peak of ``schedule`` under recompute ``mode``; for "auto", over every candidate
+    (a search under a 1-byte limit simulates them all and names the smallest in its refusal)."""
+    if schedule != "auto":
+        plan, _ = build_plan(model, example, schedule, d, n, recompute=mode)
+        return max(m.total for m in plan.memory())
+    try:
+        build_plan(model, example, schedule, d, n, recompute=mode, memory_limit=1)
+    except ConfigError as exc:
+        return float(re.search(r"smallest predicted peak is (\S+) bytes", str(exc)).group(1))  # type: ignore[union-attr]
+    raise AssertionError("a 1-byte memory limit was met")
+
+
+AUTO_COLUMNS = [Column("limit", "limit"), Column("limit_mib", "MiB", ".2f"), Column("schedule", "asked"),
+                Column("chosen", "chosen"), Column("recomputed", "recomputed stages"), Column("of", "of S"),
+                Column("predicted_peak_mib", "predicted peak MiB", ".2f"),
+                Column("predicted_step_us", "predicted step µs", ".1f")]
+KIND_COLORS = {"params": "#4c72b0", "grads": "#55a868", "optimizer": "#c44e52", "activations": "#dd8452"}
+
+
+def draw(runs: list[dict[str, Any]], path: Path) -> Path | None:
+    """Measured peak per device, stacked by kind, one group per family and mode, the prediction as a tick."""
+    try:
+        import matplotlib  # optional dependency: the picture is skipped without it
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(14, 4.5))
+    x, ticks, labels = 0.0, [], []
+    for run in runs:
+        devices = run["devices"]
+        for r in devices:
+            bottom = 0.0
+            for kind, color in KIND_COLORS.items():
+                height = r["measured"][kind] / 2**20
+                ax.bar(x, height, 0.8, bottom=bottom, color=color, label=kind if x == 0 else None)
+                bottom += height
+            ax.plot([x - 0.4, x + 0.4], [r["predicted_total"] / 2**20] * 2, color="black", lw=1.2,
+                    label="predicted" if x == 0 else None)
+            x += 1
+        ticks.append(x - (len(devices) + 1) / 2)
+        labels.append(f"{run['family']}\n{run['recompute']}")
+        x += 1
+    ax.set_xticks(ticks, labels, fontsize=7)
+    ax.set_ylabel("peak MiB per device")
+    ax.set_title("measured peak per device (bars: devices 0..D-1, stacked by kind) and the memory model's prediction")
+    ax.legend(fontsize=8, ncol=5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main() -> None:
     args = parser(__doc__.splitlines()[0]).parse_args()
     cfg = SMOKE if args.smoke else FULL
     info = machine_info()
-    runs = [measure_bitpipe(f, m, cfg) for f in cfg["families"] for m in MODES]
+    runs = [run for f in cfg["families"] for run in measure_bitpipe(f, cfg)]
     rows = summarise(runs)
     compare = []
     if cfg["torch"]:
@@ -275,6 +362,7 @@ def main() -> None:
                 "torch_weights_mb": max(r[f]["params"] + r[f]["grads"] for r in ranks) / 2**20,
                 "bitpipe_weights_mb": max(r["measured"]["params"] + r["measured"]["grads"] for r in mine) / 2**20,
             })
+    choices = auto_choices(cfg)
     worst = max(rows, key=lambda r: abs(r["residual"]))
     md = [f"## Peak memory per device: measured vs the memory model (D={cfg['devices']}, N={cfg['microbatches']})",
           "", machine_line(info), "",
@@ -284,8 +372,14 @@ def main() -> None:
     if compare:
         md += ["", "### Against torch.distributed.pipelining (recompute none; torch on hand-cut stages)", "",
                markdown_table(compare, TORCH_COLUMNS)]
+    md += ["", "### recompute=\"auto\" under three memory limits (predicted; the plan's FLOP-rate times)", "",
+           markdown_table(choices, AUTO_COLUMNS)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    picture = draw(runs, args.out / "memory.png")
+    if picture is not None:
+        md += ["", f"![peak memory per device by kind]({picture.name})"]
     write_results(args.out, "memory", {"machine": info, "config": cfg, "runs": runs, "rows": rows,
-                                        "torch": compare, "goal": GOAL}, "\n".join(md))
+                                        "torch": compare, "auto": choices, "goal": GOAL}, "\n".join(md))
     print("\n".join(md))
 
 
