@@ -83,7 +83,6 @@ def build_plan(
                               "memory_limit")
         base = base_plan(spec, devices, n, fields_)
         plan = best_partition(base, costs, (balance_tolerance, 0.0))[0]
-        plan = with_recompute(plan, recompute, parse_bytes(memory_limit))
     stage_model = split(captured, plan.cuts)
     if profile:
         fwd, bwd = measure_stages(stage_model, captured.example_inputs)
@@ -98,6 +97,8 @@ def build_plan(
         stage_model = split(captured, part)
         fwd, bwd = measure_stages(stage_model, captured.example_inputs)
         plan = with_costs(replace(plan, forward_times=fwd, backward_times=bwd), costs, part)
+    if spec.name != AUTO:  # after profiling: the choice is for the stages that will run, at their measured times
+        plan = with_recompute(plan, recompute, parse_bytes(memory_limit))
     return plan, stage_model
 
 
