@@ -11,7 +11,8 @@ One rule, used by ``schedule="auto"``, ``recompute="auto"`` and the memory bench
   A recomputed stage keeps only its inputs from F; its B (or I) rebuilds the graph (``held`` is alive
   during B, and from I to W). Transient gradient tensors inside one backward are not counted.
 - **comm**: the receive buffers the distributed runtime posts ahead, the next ``lookahead`` messages
-  from each peer (runtime/p2p.py); a message, once received, is the consumer's input (an activation).
+  from each peer (runtime/p2p.py); a message, once received, is the consumer's input (an activation). Sent
+  bundles are released as their sends complete and are not counted.
 
 The peak is the largest params + grads + optimizer + activations + comm over the step; the report gives each
 kind at that moment. Pure Python (no torch): sizes come from the plan's stage costs (passes/cost.py,
