@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
 import torch.distributed as dist
 from _common import Column, machine_info, machine_line, markdown_table, parser, write_results
+from _meter import Meter, chunk_tensors, storage_key
 
 import bitpipe_fx as bp
 from bitpipe_fx.api import CompiledPipeline
@@ -55,92 +55,6 @@ MODES = ("none", "full")
 GOAL = 0.15  # |predicted - measured| / measured of the peak per device
 
 
-class Live:
-    """Bytes alive per device: storages with a reference count, the total, and its high-water mark."""
-
-    def __init__(self, devices: int) -> None:
-        self.refs: list[dict[int, list[int]]] = [{} for _ in range(devices)]
-        self.total, self.peak = [0] * devices, [0] * devices
-
-    def add(self, d: int, key: int, nbytes: int) -> None:
-        entry = self.refs[d].setdefault(key, [nbytes, 0])
-        entry[1] += 1
-        if entry[1] == 1:
-            self.total[d] += nbytes
-            self.peak[d] = max(self.peak[d], self.total[d])
-
-    def drop(self, d: int, key: int) -> None:
-        entry = self.refs[d][key]
-        entry[1] -= 1
-        if entry[1] == 0:
-            self.total[d] -= entry[0]
-            del self.refs[d][key]
-
-
-class _Packed:
-    """A saved tensor with its device; the count drops when autograd frees it."""
-
-    __slots__ = ("d", "key", "live", "tensor")
-
-    def __init__(self, tensor: torch.Tensor, d: int, key: int, live: list[Live]) -> None:
-        self.tensor, self.d, self.key, self.live = tensor, d, key, live
-
-    def __del__(self) -> None:
-        for live in self.live:
-            live.drop(self.d, self.key)
-
-
-def _key(t: torch.Tensor) -> tuple[int, int]:
-    storage = t.untyped_storage()
-    return storage.data_ptr(), storage.nbytes()
-
-
-class Meter:
-    """Counts one step's activation bytes per device: saved tensors (``saved``) and, in ``held``, also what
-    the chunks keep between actions."""
-
-    def __init__(self, devices: int, exclude: set[int]) -> None:
-        self.saved, self.held = Live(devices), Live(devices)
-        self.exclude, self.device = exclude, 0
-        self.kept: list[set[tuple[int, int]]] = [set() for _ in range(devices)]
-
-    def pack(self, t: torch.Tensor) -> object:
-        ptr, nbytes = _key(t)
-        if ptr in self.exclude or nbytes == 0:
-            return t
-        for live in (self.saved, self.held):
-            live.add(self.device, ptr, nbytes)
-        # detached: a saved output holding its own grad_fn would make a cycle that outlives a split backward
-        return _Packed(t.detach(), self.device, ptr, [self.saved, self.held])
-
-    @staticmethod
-    def unpack(packed: object) -> torch.Tensor:
-        return packed.tensor if isinstance(packed, _Packed) else packed  # type: ignore[return-value]
-
-    def keep(self, d: int, tensors: Iterable[torch.Tensor]) -> None:
-        """After an action of device d: what its chunks hold now replaces what they held before."""
-        now = {_key(t) for t in tensors if t.is_floating_point() and _key(t)[0] not in self.exclude}
-        for key in now - self.kept[d]:
-            self.held.add(d, *key)
-        for ptr, _ in self.kept[d] - now:
-            self.held.drop(d, ptr)
-        self.kept[d] = now
-
-
-def chunk_tensors(chunks: Iterable[Any]) -> list[torch.Tensor]:
-    """Every tensor the chunks keep for pending backwards (runtime/chunk.py's _Saved)."""
-    out: list[torch.Tensor] = []
-    for c in chunks:
-        for s in c.saved.values():
-            out += [*s.leaves, *s.roots, *(s.out_grads or [])]
-            if s.stash is not None:
-                out += [t for t in s.stash.received if isinstance(t, torch.Tensor)]
-            if s.deferred is not None:
-                out += [g for grads in s.deferred.recorded.values() for g in grads if g is not None]
-                out += [g for _, g in s.deferred.eager]
-    return out
-
-
 def measure_bitpipe(family: str, cfg: dict[str, Any]) -> list[dict[str, Any]]:
     """One family under every recompute mode (one capture): measured and predicted bytes per device, by kind."""
     model, example = gpt(**cfg["model"])
@@ -157,7 +71,7 @@ def _measure(plan: Plan, split: Any, example: tuple[torch.Tensor, ...], cfg: dic
     pipe.step(tokens, targets)  # creates the optimizer state
     executor = pipe.executor
     weights = [list(reps.values()) for reps in executor.device_replicas]
-    params = [{_key(p) for r in reps for p in r.module.parameters()} for reps in weights]
+    params = [{storage_key(p) for r in reps for p in r.module.parameters()} for reps in weights]
     meter = Meter(d, {ptr for device in params for ptr, _ in device})
     for it in executor._train:  # the benchmark's instrumentation: which device runs, and what it keeps after
         it.run_next = _metered(it, meter)
@@ -179,13 +93,18 @@ def _measure(plan: Plan, split: Any, example: tuple[torch.Tensor, ...], cfg: dic
             "recomputed": sum(c.recomputed for it in executor._train for c in it.chunks.values())}
 
 
-def _metered(it: Any, meter: Meter) -> Any:
-    run = it.run_next
+def _metered(it: Any, meter: Meter, slot: int | None = None, p2p: Any = None) -> Any:
+    """``it.run_next`` that tells the meter which device runs and, after the action, what it keeps: its chunks'
+    tensors and, with ``p2p``, the receive buffers posted ahead and the sends not yet completed. ``slot``: the
+    meter's device index (default: the interpreter's device)."""
+    run, d = it.run_next, it.device if slot is None else slot
 
     def run_next() -> None:
-        meter.device = it.device
+        meter.device = d
         run()
-        meter.keep(it.device, chunk_tensors(it.chunks.values()))
+        buffers = [] if p2p is None else [t for bufs, _ in p2p.posted.values() for t in bufs] + \
+            [t for *_, sent in p2p.sent for t in sent]
+        meter.keep(d, [*chunk_tensors(it.chunks.values()), *buffers])
 
     return run_next
 
@@ -213,12 +132,35 @@ def torch_rank(cfg: dict[str, Any], families: tuple[str, ...]) -> dict[str, Any]
         runner = vs.setup_torch(family, cfg["model"], cfg["microbatches"])
         runner.step()  # warm-up: gradients exist after it
         modules = runner.parameters()
-        meter = Meter(1, {_key(p)[0] for p in modules})
+        meter = Meter(1, {storage_key(p)[0] for p in modules})
         with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
             runner.step()
-        grads = {_key(p.grad) for p in modules if p.grad is not None}
-        out[family] = {"saved": meter.saved.peak[0], "params": sum(b for _, b in {_key(p) for p in modules}),
+        grads = {storage_key(p.grad) for p in modules if p.grad is not None}
+        out[family] = {"saved": meter.saved.peak[0], "params": sum(b for _, b in {storage_key(p) for p in modules}),
                        "grads": sum(b for _, b in grads)}
+        dist.barrier()
+    return out
+
+
+def bitpipe_rank(cfg: dict[str, Any], families: tuple[str, ...]) -> dict[str, Any]:
+    """On each of D ranks (one device each, the distributed executor): the peak of activations plus the receive
+    buffers posted ahead and the sends not yet completed, against the prediction with its communication term."""
+    mc, d, n = cfg["model"], cfg["devices"], cfg["microbatches"]
+    tokens, targets = lm_batch(mc["vocab"], n * mc["micro_batch"], mc["seq"], seed=1)
+    out = {}
+    for family in families:
+        model, example = gpt(**mc)
+        pipe = bp.compile(model, example, lm_loss, schedule=family, devices=d, microbatches=n)
+        pipe.forward_backward(tokens, targets)  # warm-up
+        ex = pipe.executor
+        meter = Meter(1, {storage_key(p)[0] for r in ex.replicas for p in r.module.parameters()})
+        interp = ex._interp[True]  # the benchmark's instrumentation, as in measure_bitpipe
+        interp.run_next = _metered(interp, meter, 0, ex._p2p[True])
+        with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+            pipe.forward_backward(tokens, targets)
+        predicted = pipe.plan.memory()[ex.device]
+        out[family] = {"measured": meter.held.peak[0], "predicted": predicted.activations + predicted.comm,
+                       "predicted_comm": predicted.comm}
         dist.barrier()
     return out
 
@@ -263,6 +205,9 @@ COLUMNS = [Column("family", "schedule"), Column("recompute", "recompute"), Colum
            Column("pred_act_mb", "predicted act. MiB", ".3f"), Column("act_residual", "act. residual", "+.1%"),
            Column("act_vs_none", "act. / none", ".2f"), Column("weights_mb", "weights+grads+state MiB", ".3f"),
            Column("comm_mb", "recv buffers MiB (predicted)", ".3f"), Column("per_device_mb", "measured MiB per device")]
+DIST_COLUMNS = [Column("family", "schedule"), Column("measured_mb", "measured MiB (max rank)", ".3f"),
+                Column("predicted_mb", "predicted MiB (max rank)", ".3f"),
+                Column("comm_mb", "of which receive buffers", ".3f"), Column("residual", "largest residual", "+.1%")]
 TORCH_COLUMNS = [Column("family", "schedule"), Column("torch_saved_mb", "torch saved MiB (max rank)", ".3f"),
                  Column("bitpipe_saved_mb", "bitpipe_fx saved MiB (max device)", ".3f"),
                  Column("torch_weights_mb", "torch params+grads MiB", ".3f"),
@@ -351,7 +296,10 @@ def main() -> None:
     runs = [run for f in cfg["families"] for run in measure_bitpipe(f, cfg)]
     rows = summarise(runs)
     compare = []
+    spread = []
     if cfg["torch"]:
+        for rank, result in enumerate(launch(bitpipe_rank, cfg["devices"], args=(cfg, cfg["families"]))):
+            spread += [{"family": f, "rank": rank, **r} for f, r in result.items()]
         families = tuple(f for f in TORCH_FAMILIES if f in cfg["families"])
         ranks = launch(torch_rank, cfg["devices"], args=(cfg, families), backend="gloo")
         for f in families:
@@ -363,12 +311,21 @@ def main() -> None:
                 "bitpipe_weights_mb": max(r["measured"]["params"] + r["measured"]["grads"] for r in mine) / 2**20,
             })
     choices = auto_choices(cfg)
+    dist_rows = [{"family": f, "measured_mb": max(r["measured"] for r in spread if r["family"] == f) / 2**20,
+                  "predicted_mb": max(r["predicted"] for r in spread if r["family"] == f) / 2**20,
+                  "comm_mb": max(r["predicted_comm"] for r in spread if r["family"] == f) / 2**20,
+                  "residual": max((residual(r["predicted"], r["measured"]) for r in spread if r["family"] == f),
+                                  key=abs)}
+                 for f in dict.fromkeys(r["family"] for r in spread)]
     worst = max(rows, key=lambda r: abs(r["residual"]))
     md = [f"## Peak memory per device: measured vs the memory model (D={cfg['devices']}, N={cfg['microbatches']})",
           "", machine_line(info), "",
           f"GPT {cfg['model']}, float32, Schedule-Free AdamW. Largest residual of the predicted peak: "
           f"{worst['residual']:+.1%} ({worst['family']}, recompute={worst['recompute']}); goal ±{GOAL:.0%}.", "",
           markdown_table(rows, COLUMNS)]
+    if dist_rows:
+        md += ["", "### Distributed executor (4 gloo processes): activations + receive buffers + pending sends", "",
+               markdown_table(dist_rows, DIST_COLUMNS)]
     if compare:
         md += ["", "### Against torch.distributed.pipelining (recompute none; torch on hand-cut stages)", "",
                markdown_table(compare, TORCH_COLUMNS)]
@@ -378,8 +335,9 @@ def main() -> None:
     picture = draw(runs, args.out / "memory.png")
     if picture is not None:
         md += ["", f"![peak memory per device by kind]({picture.name})"]
-    write_results(args.out, "memory", {"machine": info, "config": cfg, "runs": runs, "rows": rows,
-                                        "torch": compare, "auto": choices, "goal": GOAL}, "\n".join(md))
+    payload = {"machine": info, "config": cfg, "runs": runs, "rows": rows, "torch": compare, "auto": choices,
+               "distributed": spread, "goal": GOAL}
+    write_results(args.out, "memory", payload, "\n".join(md))
     print("\n".join(md))
 
 

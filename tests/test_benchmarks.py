@@ -238,7 +238,7 @@ def test_runtime_overhead_smoke_reports_ratios_and_equal_gradients(tmp_path):
 def test_memory_meter_counts_a_storage_once_and_frees_it_with_the_graph():
     """Saved tensors through saved_tensors_hooks: a storage saved twice counts once, parameters not at all,
     and the bytes go when the graph is freed."""
-    mem = _load("memory")
+    mem = _load("_meter")
     import torch
 
     w = torch.nn.Parameter(torch.ones(8, 8))
