@@ -207,6 +207,7 @@ class Runner:
     stages: int
     balance: float | None = None
     chosen: str | None = None  # for schedule="auto": the spec the search picked
+    parameters: Callable[[], list[nn.Parameter]] = list  # this rank's parameters (benchmarks/memory.py counts them)
 
 
 def setup_torch(schedule: str, cfg: dict[str, Any], microbatches: int) -> Runner:
@@ -262,7 +263,8 @@ def setup_torch(schedule: str, cfg: dict[str, Any], microbatches: int) -> Runner
     def loss() -> float | None:
         return float(sum(float(x.detach()) for x in losses) / microbatches) if losses else None
 
-    return Runner(step, gradients, loss, n_stages)
+    return Runner(step, gradients, loss, n_stages,
+                  parameters=lambda: [p for m in modules.values() for p in m.parameters()])
 
 
 def setup_bitpipe(schedule: str, cfg: dict[str, Any], microbatches: int) -> Runner:

@@ -29,6 +29,7 @@ from bitpipe_fx.matching import check_cost_options, compile_settings
 from bitpipe_fx.passes.capture import tied_names
 from bitpipe_fx.passes.stages import Inputs, LossFn, SplitModel, Targets
 from bitpipe_fx.plan import DEFAULT_FLOP_RATE, Plan
+from bitpipe_fx.recompute import check_mode, with_recompute
 from bitpipe_fx.runtime import dcp as checkpoint_dcp
 from bitpipe_fx.runtime.batch import BatchSplitter, as_call
 from bitpipe_fx.runtime.distributed import DistributedExecutor
@@ -46,6 +47,7 @@ from bitpipe_fx.runtime.state import (
 )
 from bitpipe_fx.runtime.timeline import write_timeline
 from bitpipe_fx.schedules.ir import Program
+from bitpipe_fx.schedules.spec import AUTO, parse_bytes
 from bitpipe_fx.schedules.validate import validate
 from bitpipe_fx.sim.trace import TraceEvent
 
@@ -88,6 +90,7 @@ class CompiledPipeline:
         on_nonfinite: str = "raise",
         shard_optimizer: bool = False,
         precision: str = "fp32",
+        recompute: tuple[bool, ...] = (),
     ) -> None:
         if program.stages != split.num_stages:
             raise ConfigError(
@@ -99,7 +102,11 @@ class CompiledPipeline:
             raise ConfigError(f"shard_optimizer must be True or False (shard optimizer state over each stage's "
                               f"copies), got {shard_optimizer!r}")
         self.precision = precision_of(precision)
+        if recompute and len(recompute) != program.stages:
+            raise ConfigError(f"recompute has {len(recompute)} flags but the program has {program.stages} stages; "
+                              "give one per stage (or none)")
         validate(program)
+        self.recompute = tuple(bool(f) for f in recompute)
         self._unflatten = split.unflatten_output
         self.program, self.plan, self.loss_fn = program, plan, loss_fn
         self.data_parallel, self.timeout, self.trace_path = data_parallel, timeout, trace_path
@@ -111,14 +118,15 @@ class CompiledPipeline:
         self.executor: LocalExecutor | DistributedExecutor
         if self.distributed:
             self.executor = DistributedExecutor(program, split, loss_fn, specs, data_parallel, timeout, lookahead,
-                                                seed, shard_optimizer, self.precision)
+                                                seed, shard_optimizer, self.precision, self.recompute)
             self.rank = self.executor.rank
         elif shard_optimizer:
             raise ConfigError("shard_optimizer=True shards optimizer state over the processes holding copies of a "
                               "stage, and this pipeline runs in one process: launch devices x data_parallel processes "
                               "(torchrun, bitpipe_fx.runtime.launch, or bitpipe-fx train without --local) or drop it")
         else:
-            self.executor = LocalExecutor(program, split, loss_fn, specs, data_parallel, seed, self.precision)
+            self.executor = LocalExecutor(program, split, loss_fn, specs, data_parallel, seed, self.precision,
+                                          self.recompute)
             self.rank = 0
         self._state_keys, self._canonical = state_names or ([], {})
         self._source = source  # the compiled model: its class and config for a Hugging Face export
@@ -336,6 +344,8 @@ def compile(
     flop_rate: float | None = None,
     profile: bool = False,
     network: Mapping[str, float] | None = None,
+    recompute: str | None = None,
+    memory_limit: float | str | None = None,
     **schedule_options: object,
 ) -> CompiledPipeline:
     """Capture, partition, split and schedule ``model``; returns a pipeline that trains it.
@@ -352,30 +362,38 @@ def compile(
     ``precision``: "fp32" or "bf16-mixed" (fp32 master weights, gradients and optimizer state; stages
     computed under bf16 autocast, activations sent in bf16; runtime.precision); ``flop_rate``, ``profile`` and
     ``network`` are build_plan's cost options (what ``bitpipe-fx inspect`` passes), so a generated program and
-    ``schedule="auto"``'s ranking are those inspect shows for the same options; with a plan, its own.
+    ``schedule="auto"``'s ranking are those inspect shows for the same options; with a plan, its own;
+    ``recompute``: "none" (default), "full"
+    or "auto" (the fewest stages recomputed that fit ``memory_limit``, peak bytes per device such as "12GiB";
+    bitpipe_fx.recompute), applied to a given plan too; ``memory_limit`` also bounds ``schedule="auto"``.
     """
     precision_of(precision)  # a wrong value is refused before the model is captured
     check_compile(model, example_inputs, schedule, devices, microbatches, plan, trace_path, leaf_modules)
     check_pipeline(loss_fn, optimizer, data_parallel, timeout, seed, on_nonfinite)
     if isinstance(plan, (str, os.PathLike)):
         plan = Plan.load(plan)
+    if memory_limit is not None and (recompute != "auto" or str(schedule).partition(":")[0].strip() == AUTO):
+        schedule_options = {**schedule_options, "memory_limit": memory_limit}  # the bound of schedule="auto"
     spec, devices, microbatches = compile_settings(plan, schedule, devices, microbatches, schedule_options)
     check_cost_options(plan, flop_rate, profile, network)
     distributed = join_from_env(DEFAULT_TIMEOUT * 2)
     if plan is None:
         if distributed:  # before planning, so that a wrong world fails before the model is captured
             check_world(devices, data_parallel)
+        options = ({"memory_limit": memory_limit} if recompute == "auto" else {}) | spec.kwargs()
         plan, split = build_plan(model, example_inputs, spec.name, devices, microbatches, leaf_modules=leaf_modules,
                                  flop_rate=DEFAULT_FLOP_RATE if flop_rate is None else flop_rate, profile=profile,
-                                 network=network, **spec.kwargs())
+                                 network=network, recompute=check_mode(recompute or "none"), **options)
     else:
         split = split_from_plan(model, example_inputs, plan, leaf_modules=leaf_modules)
+        if recompute is not None:
+            plan = with_recompute(plan, check_mode(recompute), parse_bytes(memory_limit))
     if distributed:
         plan, split = _agree_on_plan(plan, split, model, example_inputs, leaf_modules)
     return CompiledPipeline(
         split, plan.program, loss_fn, example_inputs, optimizer=optimizer, data_parallel=data_parallel, plan=plan,
         timeout=timeout, trace_path=trace_path, state_names=_state_names(model), source=model, seed=seed,
-        on_nonfinite=on_nonfinite, shard_optimizer=shard_optimizer, precision=precision,
+        on_nonfinite=on_nonfinite, shard_optimizer=shard_optimizer, precision=precision, recompute=plan.recompute,
     )
 
 

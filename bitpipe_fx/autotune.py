@@ -3,10 +3,8 @@ choice under an optional memory limit.
 
 One capture and one cost table serve every candidate; layouts are built once per family and partitions once
 per placement. A candidate whose slowest device's compute alone already exceeds the best predicted step of a
-fitting candidate is pruned without being generated. Peak memory per device, as counted here:
-``STATE_COPIES`` x the parameter bytes the device holds (parameter, gradient and two optimizer-state
-tensors, as Schedule-Free AdamW keeps) + the most stored activation bytes alive at once in the simulated
-step (each stage's ``activation_bytes`` per micro-batch, held from its F to the B or W that frees it).
+fitting candidate is pruned without being generated. Peak memory per device is the memory model's
+(sim/memory.py) under the candidate's recomputation.
 Everything is deterministic, so every rank picks the same plan.
 """
 
@@ -19,26 +17,24 @@ from bitpipe_fx.errors import BitPipeError
 from bitpipe_fx.passes.cost import CostTable
 from bitpipe_fx.plan import Plan
 from bitpipe_fx.planning import PartitionCache, base_plan, cut, with_costs
-from bitpipe_fx.ranking import STATE_COPIES, Candidate, candidate_specs, rank
+from bitpipe_fx.ranking import Candidate, candidate_specs, rank
+from bitpipe_fx.recompute import check_mode, stage_flags
 from bitpipe_fx.schedules.ir import Program
 from bitpipe_fx.schedules.spec import ScheduleSpec, parse_bytes
-from bitpipe_fx.sim.engine import SimReport, simulate
+from bitpipe_fx.sim.engine import simulate
 
 ORDER_OPTIONS = ("defer_w", "inflight")  # generator options that reorder actions but never change the placement
 
 
-def peak_memory(plan: Plan, report: SimReport) -> tuple[float, ...]:
-    """Predicted peak bytes per device: weights and optimizer state plus the most stored activations alive."""
-    stored = [float(s.activation_bytes) for s in plan.stages]
-    held = [0.0] * plan.devices
-    peak = [0.0] * plan.devices
-    for e in report.events:  # sorted by device, then start
-        if e.kind == "F":
-            held[e.device] += stored[e.stage]
-            peak[e.device] = max(peak[e.device], held[e.device])
-        elif e.kind in ("B", "W"):
-            held[e.device] -= stored[e.stage]
-    return tuple(STATE_COPIES * report.weight_bytes(d) + peak[d] for d in range(plan.devices))
+def peak_memory(plan: Plan) -> tuple[float, ...]:
+    """Predicted peak bytes per device under the plan's recomputation (the memory model, sim/memory.py)."""
+    return tuple(m.total for m in plan.memory())
+
+
+def _recomputed(plan: Plan, mode: str, limit: float | None) -> Plan:
+    """``plan`` with ``mode``'s recomputation; when "auto" cannot fit, every stage recomputed (over memory)."""
+    flags = stage_flags(plan, mode, limit)
+    return replace(plan, recompute=(True,) * plan.num_stages if flags is None else flags if any(flags) else ())
 
 
 def _bound(plan: Plan) -> float:
@@ -49,10 +45,12 @@ def _bound(plan: Plan) -> float:
 def autotune(
     costs: CostTable, devices: int, microbatches: int, fields: Mapping[str, object], *,
     memory_limit: float | str | None = None, balance_tolerance: float = 0.02,
-    specs: Sequence[ScheduleSpec] | None = None,
+    specs: Sequence[ScheduleSpec] | None = None, recompute: str = "none",
 ) -> Plan:
-    """The fastest candidate's plan (its ``search`` holds the ranking); ConfigError when none fits the limit."""
+    """The fastest candidate's plan (its ``search`` holds the ranking); ConfigError when none fits the limit.
+    ``recompute``: "none", "full", or "auto" (each candidate's least recomputation that fits)."""
     limit = parse_bytes(memory_limit)
+    check_mode(recompute)
     layouts: dict[str, Program] = {}
     cache: PartitionCache = {}
     rows: list[tuple[Candidate, int, Plan | None]] = []
@@ -70,14 +68,15 @@ def autotune(
         if _bound(bound_plan) > best:
             rows.append((Candidate(str(spec), _bound(bound_plan), 0.0, (), "pruned"), index, None))
             continue
-        plan = with_costs(base, costs, part)
+        plan = _recomputed(with_costs(base, costs, part), recompute, limit)
         report = simulate(plan.program, plan.cost_model())
-        peaks = peak_memory(plan, report)
+        peaks = peak_memory(plan)
         fits = limit is None or max(peaks) <= limit
         if fits:
             best = min(best, report.makespan)
         status = "ok" if fits else "over memory"
-        rows.append((Candidate(str(spec), report.makespan, report.bubble_ratio, peaks, status), index, plan))
+        again = tuple(s for s, f in enumerate(plan.recompute) if f)
+        rows.append((Candidate(str(spec), report.makespan, report.bubble_ratio, peaks, status, again), index, plan))
     return _choose(rows, limit)
 
 

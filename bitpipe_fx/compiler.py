@@ -22,7 +22,8 @@ from bitpipe_fx.passes.profile import measure_stages
 from bitpipe_fx.passes.stages import Inputs, SplitModel
 from bitpipe_fx.plan import DEFAULT_FLOP_RATE, Plan
 from bitpipe_fx.planning import base_plan, best_partition, check_network, cut, with_costs
-from bitpipe_fx.schedules.spec import AUTO, schedule_spec
+from bitpipe_fx.recompute import check_mode, with_recompute
+from bitpipe_fx.schedules.spec import AUTO, parse_bytes, schedule_spec
 
 
 def graph_hash(costs: CostTable) -> str:
@@ -44,6 +45,7 @@ def build_plan(
     leaf_modules: tuple[str | type[nn.Module], ...] = (),
     network: Mapping[str, float] | None = None,
     memory_limit: float | str | None = None,
+    recompute: str = "none",
     **schedule_options: object,
 ) -> tuple[Plan, SplitModel]:
     """Capture, cost, partition, schedule and split ``model`` for ``schedule``; returns (Plan, SplitModel).
@@ -53,6 +55,8 @@ def build_plan(
     (``network``: CostModel link fields such as ``p2p_bandwidth`` in bytes/s; default free links), and of the
     partitions at ``balance_tolerance`` and 0 the one whose program simulates fastest is kept.
     ``schedule="auto"`` searches every family and option (bitpipe_fx.autotune) under ``memory_limit``.
+    ``recompute``: "none", "full" or "auto" (the fewest recomputed stages that fit ``memory_limit``;
+    bitpipe_fx.recompute), searched together with the schedule under ``schedule="auto"``.
     ``profile=True`` measures each stage's forward and backward time, re-balances once with the measured
     times, regenerates the program with them and stores them (not reproducible across ranks: save the plan
     and load it everywhere). Extra keyword arguments go to the schedule generator.
@@ -60,6 +64,7 @@ def build_plan(
     if flop_rate <= 0:
         raise ConfigError(f"flop_rate must be > 0 FLOP/s, got {flop_rate}")
     n = 2 * devices if microbatches is None else microbatches
+    check_mode(recompute)
     spec = schedule_spec(schedule, schedule_options)
     links = check_network(network)
     args, kwargs = normalize_inputs(example_inputs)
@@ -69,11 +74,13 @@ def build_plan(
                "origin": model_origin(model, example_inputs), "network": links}
     if spec.name == AUTO:
         limit = spec.kwargs().get("memory_limit", memory_limit)
-        plan = autotune(costs, devices, n, fields_, memory_limit=limit, balance_tolerance=balance_tolerance)
+        plan = autotune(costs, devices, n, fields_, memory_limit=limit, balance_tolerance=balance_tolerance,
+                        recompute=recompute)
     else:
-        if memory_limit is not None:
-            raise ConfigError(f"memory_limit={memory_limit!r} applies to schedule='auto' only; got schedule "
-                              f"{str(spec)!r}: use schedule='auto' or drop memory_limit")
+        if memory_limit is not None and recompute != "auto":
+            raise ConfigError(f"memory_limit={memory_limit!r} applies to schedule='auto' or recompute='auto' only; "
+                              f"got schedule {str(spec)!r} with recompute={recompute!r}: use one of them or drop "
+                              "memory_limit")
         base = base_plan(spec, devices, n, fields_)
         plan = best_partition(base, costs, (balance_tolerance, 0.0))[0]
     stage_model = split(captured, plan.cuts)
@@ -90,6 +97,8 @@ def build_plan(
         stage_model = split(captured, part)
         fwd, bwd = measure_stages(stage_model, captured.example_inputs)
         plan = with_costs(replace(plan, forward_times=fwd, backward_times=bwd), costs, part)
+    if spec.name != AUTO:  # after profiling: the choice is for the stages that will run, at their measured times
+        plan = with_recompute(plan, recompute, parse_bytes(memory_limit))
     return plan, stage_model
 
 

@@ -24,6 +24,7 @@ from bitpipe_fx.ranking import Search
 from bitpipe_fx.schedules.ir import Program
 from bitpipe_fx.sim.cost import CostModel, PerStage
 from bitpipe_fx.sim.engine import simulate
+from bitpipe_fx.sim.memory import DeviceMemory, StageMemory, device_memory
 
 DEFAULT_FLOP_RATE = 1e12
 NETWORK_FIELDS = ("p2p_latency", "p2p_bandwidth", "allreduce_latency", "allreduce_bandwidth")  # of CostModel
@@ -51,6 +52,7 @@ class Plan:
     network: dict[str, float] = field(default_factory=dict)  # CostModel link fields (seconds, bytes/s); {} = free
     costed: bool = False  # the program was generated with costs=cost_model() (planning.costed_program)
     search: Search | None = None  # the ranking of a schedule="auto" search that chose this plan
+    recompute: tuple[bool, ...] = ()  # per stage: its forward is recomputed at the backward (empty = none)
 
     # ---- derived quantities --------------------------------------------------------------------
 
@@ -100,7 +102,19 @@ class Plan:
             "param_bytes": tuple(float(s.param_bytes) for s in self.stages),
             **self.network,
         }
+        if any(self.recompute):
+            fields_["recompute"] = tuple(f if again else 0.0 for f, again in zip(self.forward, self.recompute))
         return CostModel(**(fields_ | overrides))
+
+    def stage_memory(self) -> tuple[StageMemory, ...]:
+        """Each stage's sizes for the memory model (sim/memory.py)."""
+        return tuple(StageMemory(float(s.param_bytes), float(s.saved_bytes), float(s.bytes_sent), float(s.input_bytes),
+                                 float(s.weight_grad_bytes)) for s in self.stages)
+
+    def memory(self, state_copies: int = 2, lookahead: int = 4) -> tuple[DeviceMemory, ...]:
+        """Predicted peak bytes per device, by kind, under this plan's recomputation (sim/memory.py)."""
+        return device_memory(self.program, self.stage_memory(), self.recompute, state_copies=state_copies,
+                             lookahead=lookahead)
 
     # ---- text ----------------------------------------------------------------------------------
 
@@ -133,6 +147,12 @@ class Plan:
             lines.append(f"{d:>6} {names:<24} {loads[d]:>11.4g} {_n(weights):>10} {_n(acts):>9}")
         spread = max(loads) / min(loads) if min(loads) else float("inf")
         lines += ["", f"balance: max/mean device load = {self.balance:.4f}, max/min = {spread:.4f}"]
+        if any(self.recompute):
+            again = [str(s) for s, f in enumerate(self.recompute) if f]
+            lines += [f"recompute: stages {', '.join(again)} ({len(again)} of {self.num_stages}) recompute their "
+                      "forward at the backward"]
+        peaks = self.memory()
+        lines += [f"predicted peak memory per device: {' '.join(_n(m.total) + 'B' for m in peaks)}"]
         lines += self._simulated()
         if self.search is not None:
             lines += ["", *self.search.table()]
@@ -189,6 +209,7 @@ class Plan:
                 network={str(k): float(v) for k, v in dict(data.get("network") or {}).items()},
                 costed=bool(data.get("costed", False)),
                 search=None if data.get("search") is None else Search.from_dict(data["search"]),
+                recompute=tuple(bool(f) for f in data.get("recompute") or ()),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(

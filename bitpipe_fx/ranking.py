@@ -32,6 +32,7 @@ class Candidate:
     bubble: float  # mean idle / makespan (0 for "pruned")
     peak_bytes: tuple[float, ...]  # predicted peak memory per device (for "pruned": weights and state only)
     status: str = "ok"
+    recomputed: tuple[int, ...] = ()  # stages that recompute their forward in this candidate
 
     @property
     def peak(self) -> float:
@@ -39,12 +40,13 @@ class Candidate:
 
     def to_dict(self) -> dict[str, object]:
         return {"spec": self.spec, "makespan": self.makespan, "bubble": self.bubble,
-                "peak_bytes": list(self.peak_bytes), "status": self.status}
+                "peak_bytes": list(self.peak_bytes), "status": self.status, "recomputed": list(self.recomputed)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, object]) -> Candidate:
         return cls(str(data["spec"]), float(data["makespan"]), float(data["bubble"]),
-                   tuple(float(b) for b in data["peak_bytes"]), str(data["status"]))
+                   tuple(float(b) for b in data["peak_bytes"]), str(data["status"]),
+                   tuple(int(s) for s in data.get("recomputed") or ()))
 
 
 @dataclass(frozen=True)
@@ -64,12 +66,13 @@ class Search:
         limit = "no memory limit" if self.memory_limit is None else f"memory limit {_b(self.memory_limit)}"
         lines = [f"auto: {len(self.candidates)} candidates, {limit}; {self.reason}",
                  f"{'rank':>4} {'schedule':<32} {'step':>10} {'bubble':>7} {'peak B':>8}  "
-                 f"{'status':<11} peak B per device"]
+                 f"{'status':<11} {'recompute':<10} peak B per device"]
         for i, c in enumerate(self.candidates, 1):
             per_device = " ".join(_b(b) for b in c.peak_bytes)
             bubble = f"{100 * c.bubble:.1f}%" if c.status != "pruned" else "-"
+            again = ",".join(str(s) for s in c.recomputed) or "-"
             lines.append(f"{i:>4} {c.spec:<32} {c.makespan:>10.4g} {bubble:>7} {_b(c.peak):>8}  "
-                         f"{c.status:<11} {per_device}")
+                         f"{c.status:<11} {again:<10} {per_device}")
         return lines
 
     def to_dict(self) -> dict[str, object]:

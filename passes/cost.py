@@ -4,8 +4,9 @@ Shapes come from running the graph once on FakeTensors (no real compute, no memo
 real example inputs when a node cannot run on fake tensors (e.g. an opaque leaf module with data-dependent
 control flow). FLOPs of matmul, linear, convolution and attention come from ``torch.utils.flop_counter``; any
 other op that computes (elementwise, reductions, normalisation, gathers) counts one FLOP per output element;
-views count zero. The same table feeds the partitioner (loads, bytes crossing each cut) and, through the
-plan, the simulator's cost model.
+views count zero. The tensors autograd saves come from passes/saved.py, per stage with each tensor once. The
+same table feeds the partitioner (loads, bytes crossing each cut) and, through the plan, the simulator's
+cost model and the memory model (sim/memory.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from bitpipe_fx.passes.graph_form import TRAINING_FLAG, Captured, buffers_kept, compute_nodes, mutated_args
+from bitpipe_fx.passes.saved import SavedValue, saved_values
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class NodeCost:
     activation_bytes: int  # out_bytes, or 0 when the output aliases an input (views)
     state: tuple[str, ...]  # FQNs of the parameters and buffers it reads directly
     is_tensor: bool  # its output is a single tensor (only such values may cross a stage boundary)
+    weight_grad_bytes: int = 0  # out_bytes when it reads a parameter: the output gradient a deferred W needs
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,9 @@ class StageCost:
     bytes_sent: int  # bytes it sends to the next stage (0 for the last stage)
     first_node: str
     last_node: str
+    saved_bytes: int = 0  # bytes autograd saves for one micro-batch's backward (passes/saved.py; weights excluded)
+    weight_grad_bytes: int = 0  # output gradients an I keeps for its W (nodes with weights, plus the stage's outputs)
+    input_bytes: int = 0  # bytes the stage receives per micro-batch (what a recomputed stage keeps from F to B/I)
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,8 @@ class CostTable:
     param_numel: dict[str, int]  # parameter FQN -> elements
     crossing_bytes: tuple[int, ...]  # bytes of the values live across each boundary
     cuttable: tuple[bool, ...]  # False where a non-tensor value or an in-place update would cross
+    saved: tuple[SavedValue, ...] = ()  # tensors autograd saves in one forward, with the nodes saving them
+    output_bytes: int = 0  # bytes of the model's outputs: what the loss keeps for its backward (log-softmax's)
 
     @property
     def flops(self) -> list[int]:
@@ -77,6 +85,9 @@ class CostTable:
         for k in range(len(bounds) - 1):
             own = self.nodes[bounds[k] : bounds[k + 1]]
             params = sorted({s for n in own for s in n.state if s in self.param_bytes})
+            last = k == len(bounds) - 2
+            sent = 0 if last else self.crossing_bytes[bounds[k + 1] - 1]
+            received = self.crossing_bytes[bounds[k] - 1] if k > 0 else 0
             rows.append(
                 StageCost(
                     index=k,
@@ -85,12 +96,20 @@ class CostTable:
                     param_bytes=sum(self.param_bytes[p] for p in params),
                     flops=sum(n.flops for n in own),
                     activation_bytes=sum(n.activation_bytes for n in own),
-                    bytes_sent=self.crossing_bytes[bounds[k + 1] - 1] if k < len(bounds) - 2 else 0,
+                    bytes_sent=sent,
                     first_node=own[0].name,
                     last_node=own[-1].name,
+                    saved_bytes=self._saved_in(bounds[k], bounds[k + 1]) + (self.output_bytes if last else 0),
+                    # a stage without inputs to differentiate leaves its whole backward to W (runtime/chunk.py)
+                    weight_grad_bytes=sent + (sum(n.weight_grad_bytes for n in own) if received else 0),
+                    input_bytes=received,
                 )
             )
         return tuple(rows)
+
+    def _saved_in(self, start: int, end: int) -> int:
+        """Bytes of the saved tensors that some node in positions [start, end) saves (each counted once)."""
+        return sum(v.nbytes for v in self.saved if any(start <= i < end for i in v.savers))
 
 
 def estimate_costs(captured: Captured) -> CostTable:
@@ -109,6 +128,7 @@ def estimate_costs(captured: Captured) -> CostTable:
         counted = flops[node] or _attention_flops(node, values)
         if counted == 0 and not view and isinstance(out, torch.Tensor):
             counted = out.numel()
+        state = _state_read(node, captured, state_names)
         costs.append(
             NodeCost(
                 name=node.name,
@@ -116,8 +136,9 @@ def estimate_costs(captured: Captured) -> CostTable:
                 flops=int(counted),
                 out_bytes=int(out_bytes),
                 activation_bytes=0 if view else int(out_bytes),
-                state=_state_read(node, captured, state_names),
+                state=state,
                 is_tensor=isinstance(out, torch.Tensor),
+                weight_grad_bytes=int(out_bytes) if not view and any(n in params for n in state) else 0,
             )
         )
     crossing, cuttable = _boundaries(captured.graph, nodes, position, costs)
@@ -127,7 +148,14 @@ def estimate_costs(captured: Captured) -> CostTable:
         param_numel={k: p.numel() for k, p in params.items()},
         crossing_bytes=crossing,
         cuttable=cuttable,
+        saved=saved_values(captured),
+        output_bytes=sum(costs[position[n]].out_bytes for n in _output_node(captured.graph).all_input_nodes
+                         if n in position),
     )
+
+
+def _output_node(graph: fx.Graph) -> fx.Node:
+    return next(n for n in graph.nodes if n.op == "output")
 
 
 class _Propagate(fx.Interpreter):

@@ -234,3 +234,38 @@ def test_runtime_overhead_smoke_reports_ratios_and_equal_gradients(tmp_path):
     syncs = sum(a.kind == "SYNC" for row in generate("zbv", 2, n).device_actions for a in row)
     assert rounds["fused"][0]["actions"] == 2 * 4 * n + syncs  # 4 stages x (F + B) per micro-batch
     assert rounds["split"][0]["actions"] == 3 * 4 * n + syncs  # 4 stages x (F + I + W)
+
+
+# ---- memory.py -----------------------------------------------------------------------------------
+
+
+def test_memory_meter_counts_a_storage_once_and_frees_it_with_the_graph():
+    """Saved tensors through saved_tensors_hooks: a storage saved twice counts once, parameters not at all,
+    and the bytes go when the graph is freed."""
+    mem = _load("_meter")
+    import torch
+
+    w = torch.nn.Parameter(torch.ones(8, 8))
+    meter = mem.Meter(1, {w.untyped_storage().data_ptr()})
+    x = torch.ones(4, 8, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+        y = (x @ w).sin() * x  # the matmul and the product both save x; sin saves x @ w, the product sin(x @ w)
+        assert meter.saved.total[0] == 3 * 4 * 8 * 4  # x, x @ w, sin(x @ w) in float32; w excluded
+        y.sum().backward()
+    assert meter.saved.total[0] == 0 and meter.saved.peak[0] == 3 * 4 * 8 * 4
+
+
+def test_memory_smoke_prediction_holds_and_recompute_cuts_1f1b(tmp_path):
+    data = _run("memory.py", tmp_path, timeout=300)
+    runs = {(r["family"], r["recompute"]): r for r in data["runs"]}
+    assert set(runs) == {(f, m) for f in ("1f1b", "zbv", "bitpipe") for m in ("none", "full")}
+    for run in runs.values():
+        for dev in run["devices"]:
+            for kind in ("params", "grads", "optimizer"):  # exact: the same bytes counted two ways
+                assert dev["measured"][kind] == dev["predicted"][kind], (run["family"], kind)
+            assert abs(dev["predicted_total"] / dev["measured"]["total"] - 1) <= data["goal"], run["family"]
+    rows = {(r["family"], r["recompute"]): r for r in data["rows"]}
+    assert rows[("1f1b", "full")]["act_vs_none"] <= 0.5
+    # two steps (the one that creates the optimizer state, then the measured one) x 4 stages x 8 micro-batches
+    assert runs[("1f1b", "full")]["recomputed"] == 2 * 4 * 8 and runs[("1f1b", "none")]["recomputed"] == 0
+    assert (tmp_path / "memory.png").stat().st_size > 0

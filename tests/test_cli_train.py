@@ -47,6 +47,8 @@ CASES = [
     (["--steps", "0"], "--steps must be a positive integer, got 0"),
     ([*TINY, "--precision", "fp16"], "--precision must be one of fp32, bf16-mixed, got 'fp16'"),
     ([*TINY, "--precision", "bf16-mixed", "--dtype", "float64"], "--precision bf16-mixed keeps float32 master"),
+    (["--recompute", "sometimes"], "--recompute must be one of none, full, auto, got 'sometimes'"),
+    (["--recompute", "auto"], "--recompute auto needs --memory-limit"),
 ]
 
 

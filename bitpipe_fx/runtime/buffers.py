@@ -12,7 +12,8 @@ ends with the same buffers, equal to the sequential updates.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -56,6 +57,18 @@ class RunningStats:
         for m, v, _ in self.pairs:
             m.data.zero_()
             v.data.zero_()
+
+    @contextmanager
+    def kept(self) -> Iterator[None]:
+        """Run the body (a recomputed forward) and put the running buffers back as they were, through ``.data``
+        (no version bump), so that a micro-batch updates the statistics once, at its F."""
+        buffers = [t for m, v, _ in self.pairs for t in (m, v)] + self.counters
+        before = [t.detach().clone() for t in buffers]
+        try:
+            yield
+        finally:
+            for t, b in zip(buffers, before):
+                t.data.copy_(b)
 
     def after_forward(self, g: int) -> None:
         """Keep global micro-batch g's ``momentum * statistic`` values."""

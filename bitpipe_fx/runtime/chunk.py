@@ -5,6 +5,11 @@ dtype: autograd accumulates in place into it, and the replica all-reduce is one 
 A ``Chunk`` is one (pipe, stage) of the program; it runs F, B, I and W for micro-batches and keeps what a
 backward needs (received leaves, outputs or loss, output grads between I and W) until that backward ends.
 Two chunks of one stage on one device share the replica, so their gradients sum in the buffer.
+
+A chunk with ``recompute`` runs F without autograd and keeps only its inputs and the generator state F started
+from; the first backward of the micro-batch (B, or I when split) runs the forward again from that state (the
+same dropout masks) with batch-norm running statistics left as F recorded them, and that one graph then
+serves both I and W.
 """
 
 from __future__ import annotations
@@ -82,6 +87,16 @@ class StageReplica:
                 p.grad = view
 
 
+@dataclass(frozen=True)
+class _Stash:
+    """What a recomputed forward needs: the stage's inputs, the target and the loss scale of F."""
+
+    model_inputs: tuple[torch.Tensor, ...]
+    received: tuple[torch.Tensor, ...]
+    target: Targets
+    scale: float
+
+
 @dataclass
 class _Saved:
     """What one micro-batch's backward needs."""
@@ -92,6 +107,7 @@ class _Saved:
     out_grads: list[torch.Tensor] | None = None  # kept between I and W
     deferred: splitbw.DeferredWeights | None = None  # what W needs after I
     rng_state: torch.Tensor | None = None  # generator state the forward started from (for a recomputation)
+    stash: _Stash | None = None  # inputs of a forward still to be recomputed (recompute chunks, F to B/I)
 
 
 class Chunk:
@@ -107,11 +123,14 @@ class Chunk:
         loss_fn: LossFn,
         unflatten_output: Callable[[Sequence[torch.Tensor]], object],
         precision: Precision = FP32,
+        recompute: bool = False,
     ) -> None:
         self.pipe, self.stage, self.replica, self.spec, self.last = pipe, stage, replica, spec, last
         self.loss_fn, self.unflatten_output, self.precision = loss_fn, unflatten_output, precision
+        self.recompute = recompute
         self.saved: dict[int, _Saved] = {}
         self.splitter = splitbw.StageSplitter(replica.trainable)
+        self.recomputed = 0  # forwards run again for a backward (one per micro-batch with ``recompute``)
 
     # ---- forward --------------------------------------------------------------------------------
 
@@ -120,10 +139,19 @@ class Chunk:
         scale: float, train: bool,
     ) -> tuple[torch.Tensor, ...] | torch.Tensor:
         """Run the stage on micro-batch m; returns its outputs, or the scaled loss on the last stage."""
-        if not train:
+        if not train or self.recompute:
             with torch.no_grad():
                 out = self._call(model_inputs, received)
-                return self._loss(out, target, scale) if self.last else out
+                result = self._loss(out, target, scale) if self.last else out
+            if train:
+                self.saved[m] = _Saved([], [], [], stash=_Stash(tuple(model_inputs), tuple(received), target, scale))
+            return result
+        self.saved[m], result = self._graph(model_inputs, received, target, scale)
+        return result
+
+    def _graph(self, model_inputs: Sequence[torch.Tensor], received: Sequence[torch.Tensor], target: Targets,
+               scale: float) -> tuple[_Saved, tuple[torch.Tensor, ...] | torch.Tensor]:
+        """The forward with autograd: what its backward needs, and the (detached) outputs or the loss."""
         leaves = [t.detach().requires_grad_(True) if is_floating(t) else t for t in received]
         with torch.enable_grad():
             out = self._call(model_inputs, leaves)
@@ -131,7 +159,7 @@ class Chunk:
                 loss = self._loss(out, target, scale)
                 if not loss.requires_grad and (self.replica.trainable or any(map(is_floating, leaves))):
                     raise ConfigError(
-                        f"the loss of micro-batch {m} does not require grad: loss_fn (or the model's forward) cut it "
+                        f"stage {self.stage}'s loss does not require grad: loss_fn (or the model's forward) cut it "
                         "from the autograd graph (.detach(), .item(), torch.no_grad(), a new tensor), so no "
                         "parameter would get a gradient; compute the loss from the model's output with tensor ops"
                     )
@@ -142,8 +170,21 @@ class Chunk:
                 index = [i for i, t in enumerate(floats) if t.requires_grad]
                 roots = [floats[i] for i in index]
                 result = tuple(t.detach() for t in out)
-        self.saved[m] = _Saved([t for t in leaves if is_floating(t)], roots, index)
-        return result
+        return _Saved([t for t in leaves if is_floating(t)], roots, index), result
+
+    def _recompute(self, saved: _Saved) -> None:
+        """Rebuild a recomputed micro-batch's graph in place, from the generator state its F started from, with
+        the running statistics as F left them (they are recorded once, at F)."""
+        stash = saved.stash
+        if stash is None:
+            return
+        if saved.rng_state is None:
+            raise PipelineRuntimeError(f"stage {self.stage} cannot recompute a forward whose generator state was "
+                                       "not kept; call started_from after each forward")
+        with rng.stream(saved.rng_state, self.replica.device), self.replica.stats.kept():
+            graph, _ = self._graph(stash.model_inputs, stash.received, stash.target, stash.scale)
+        saved.leaves, saved.roots, saved.root_index, saved.stash = graph.leaves, graph.roots, graph.root_index, None
+        self.recomputed += 1
 
     def started_from(self, m: int, state: torch.Tensor) -> None:
         """Keep the generator state micro-batch m's forward started from, with what its backward needs."""
@@ -177,6 +218,7 @@ class Chunk:
     def backward(self, m: int, out_grads: Sequence[torch.Tensor] | None) -> list[torch.Tensor]:
         """Full backward: weight grads into the flat buffer, returns the input grads (floating inputs)."""
         saved = self.saved.pop(m)
+        self._recompute(saved)
         if saved.roots:
             torch.autograd.backward(saved.roots, self._root_grads(saved, out_grads))
         return [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in saved.leaves]
@@ -184,6 +226,7 @@ class Chunk:
     def backward_input(self, m: int, out_grads: Sequence[torch.Tensor] | None) -> list[torch.Tensor]:
         """Input-gradient half (I): input grads now; what W needs is kept (see splitbw)."""
         saved = self.saved[m]
+        self._recompute(saved)
         saved.out_grads = list(out_grads) if out_grads is not None else None
         if not saved.roots or not saved.leaves:  # nothing to send: W does the whole backward
             return [torch.zeros_like(leaf) for leaf in saved.leaves]
@@ -216,11 +259,12 @@ class Chunk:
 
 def build_device(
     split: SplitModel, placement: Placement, device: int, loss_fn: LossFn, pad_to: Mapping[int, int] | None = None,
-    precision: Precision = FP32,
+    precision: Precision = FP32, recompute: Sequence[bool] = (),
 ) -> tuple[dict[int, StageReplica], dict[tuple[int, int], Chunk]]:
     """Private copies of the stages ``device`` holds (one per stage) and its chunks over them; ``pad_to``: stage ->
     the size of its copy group, when the optimizer state is sharded (flat parameter buffers, runtime.zero);
-    ``precision``: what the chunks compute in and send (runtime.precision)."""
+    ``precision``: what the chunks compute in and send (runtime.precision); ``recompute``: per stage, whether
+    its chunks recompute their forward (empty = none)."""
     replicas: dict[int, StageReplica] = {}
     chunks: dict[tuple[int, int], Chunk] = {}
     last = split.num_stages - 1
@@ -230,6 +274,6 @@ def build_device(
                                            split.unused, None if pad_to is None else pad_to[stage])
         chunks[(pipe, stage)] = Chunk(
             pipe, stage, replicas[stage], split.specs[stage], stage == last, loss_fn, split.unflatten_output,
-            precision,
+            precision, bool(recompute[stage]) if recompute else False,
         )
     return replicas, chunks

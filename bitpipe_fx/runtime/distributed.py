@@ -66,6 +66,7 @@ class DistributedExecutor:
         seed: int = 0,
         shard_optimizer: bool = False,
         precision: Precision = FP32,
+        recompute: tuple[bool, ...] = (),
     ) -> None:
         self.program, self.dp, self.timeout, self.seed = program, data_parallel, timeout, seed
         self.rank, self.world = check_world(program.devices, data_parallel)
@@ -80,7 +81,7 @@ class DistributedExecutor:
         place = program.placement
         pad_to = {s: len(replica_ranks(place, s, data_parallel)) for s in range(program.stages)}
         replicas, chunks = build_device(split, place, self.device, loss_fn, pad_to if shard_optimizer else None,
-                                        precision)
+                                        precision, recompute)
         self.local_replicas = replicas
         sync = ShardedSync if shard_optimizer else GradSync
         self.gradsync = sync(place, data_parallel, replicas, split.shared, shared_specs, timeout)

@@ -61,6 +61,7 @@ class LocalExecutor:
         data_parallel: int = 1,
         seed: int = 0,
         precision: Precision = FP32,
+        recompute: tuple[bool, ...] = (),
     ) -> None:
         if data_parallel != 1:
             raise ConfigError(
@@ -76,7 +77,8 @@ class LocalExecutor:
         self._predict: list[PredictInterpreter] = []
         fwd = forward_only(program)
         for d in range(program.devices):
-            replicas, chunks = build_device(split, program.placement, d, loss_fn, precision=precision)
+            replicas, chunks = build_device(split, program.placement, d, loss_fn, precision=precision,
+                                            recompute=recompute)
             self.device_replicas.append(replicas)
             self._train.append(DeviceInterpreter(d, program, chunks, self.mailbox, lambda r: None))
             self._eval.append(DeviceInterpreter(d, fwd, chunks, self.mailbox, lambda r: None))

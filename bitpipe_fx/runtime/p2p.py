@@ -104,8 +104,10 @@ class P2P:
         return bufs
 
     def send(self, message: Message, tensors: list[torch.Tensor], action: Action) -> None:
-        """Check the bundle against the agreed layout, then isend each tensor (kept alive until ``finish``)."""
+        """Check the bundle against the agreed layout, then isend each tensor (kept alive until its send has
+        completed: bundles already delivered are released first, so a step does not hold all it sent)."""
         check_message(f"rank {self.rank}: message {message} from {action}", tensors, self.layout(message))
+        self._release()
         peer = self.base + message.dst
         tensors = [t.contiguous() for t in tensors]
         try:
@@ -116,15 +118,26 @@ class P2P:
             raise self._error(f"sent {message}", action, peer, exc) from exc
         self.sent.append((message, works, tensors))
 
+    def _release(self) -> None:
+        """Drop the sent bundles whose sends have all completed (waiting on them raises a failed one)."""
+        done = [entry for entry in self.sent if all(w.is_completed() for w in entry[1])]
+        for entry in done:
+            self._delivered(entry)
+        self.sent = [entry for entry in self.sent if not any(entry is d for d in done)]
+
+    def _delivered(self, entry: tuple[Message, list, list[torch.Tensor]]) -> None:
+        """Wait (bounded) until every tensor of one sent bundle has gone."""
+        message, works, _ = entry
+        for w in works:
+            try:
+                w.wait(timedelta(seconds=self.timeout))
+            except RuntimeError as exc:
+                raise self._error(f"waited for the delivery of {message}", None, self.base + message.dst, exc) from exc
+
     def finish(self) -> None:
         """Wait (bounded) until every send of the step has completed; refuse leftover receives."""
-        for message, works, _ in self.sent:
-            for w in works:
-                try:
-                    w.wait(timedelta(seconds=self.timeout))
-                except RuntimeError as exc:
-                    raise self._error(f"waited for the delivery of {message}", None,
-                                      self.base + message.dst, exc) from exc
+        for entry in self.sent:
+            self._delivered(entry)
         self.sent = []
         left = [m for m in self.posted] + [
             m for src, q in self.incoming.items() for m in q[self.next_post[src]:]

@@ -28,6 +28,7 @@ class CostModel:
     allreduce_latency: float = 0.0  # alpha
     allreduce_bandwidth: float = math.inf  # beta
     data_parallel: int = 1
+    recompute: PerStage = 0.0  # time a B or I of the stage first spends recomputing its forward (0 = stored)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.weight_fraction <= 1.0:
@@ -42,7 +43,7 @@ class CostModel:
                 )
         if not isinstance(self.data_parallel, int) or self.data_parallel < 1:
             raise ConfigError(f"data_parallel must be a positive integer, got {self.data_parallel!r}")
-        for name in ("forward", "backward", "activation_bytes", "param_bytes"):
+        for name in ("forward", "backward", "activation_bytes", "param_bytes", "recompute"):
             value = getattr(self, name)
             values = value if isinstance(value, tuple) else (value,)
             if not values or any(not v >= 0.0 for v in values):
@@ -61,16 +62,18 @@ class CostModel:
         return tuple(float(v) for v in value)
 
     def compute_time(self, kind: str, stage: int, stages: int) -> float:
-        """Duration of one F, B, I or W of ``stage``; I = backward·(1-weight_fraction), W = the rest."""
+        """Duration of one F, B, I or W of ``stage``; I = backward·(1-weight_fraction), W = the rest; a B or I
+        of a recomputed stage adds its ``recompute`` time."""
         if kind == "F":
             return self.per_stage("forward", stages)[stage]
         backward = self.per_stage("backward", stages)[stage]
+        again = self.per_stage("recompute", stages)[stage] if self.recompute else 0.0
         if kind == "B":
-            return backward
+            return backward + again
         if kind == "W":
             return backward * self.weight_fraction
         if kind == "I":
-            return backward * (1.0 - self.weight_fraction)
+            return backward * (1.0 - self.weight_fraction) + again
         raise ConfigError(f"no compute time for action kind {kind!r}; expected F, B, I or W")
 
     def p2p_time(self, nbytes: float) -> float:
@@ -93,4 +96,5 @@ class CostModel:
         def mul(v: PerStage) -> PerStage:
             return tuple(x * factor for x in v) if isinstance(v, tuple) else v * factor
 
-        return replace(self, forward=mul(self.forward), backward=mul(self.backward), param_bytes=mul(self.param_bytes))
+        return replace(self, forward=mul(self.forward), backward=mul(self.backward), param_bytes=mul(self.param_bytes),
+                       recompute=mul(self.recompute))

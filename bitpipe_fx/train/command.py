@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bitpipe_fx.errors import ConfigError
-from bitpipe_fx.schedules.spec import ScheduleSpec, parse_spec, schedule_spec
+from bitpipe_fx.schedules.spec import AUTO, ScheduleSpec, parse_spec, schedule_spec
 from bitpipe_fx.train.job import DTYPES, OPTIMIZERS, TrainConfig, check, factory_target
 from bitpipe_fx.train.rundir import check_out, clear_run
 
@@ -54,7 +54,11 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> 
     p.add_argument("--task", default=None, help="lm (causal) or mlm (masked); default: from the model's inputs")
     p.add_argument("--schedule", default=d.schedule,
                    help="schedule spec NAME[:key=value,...], e.g. interleaved:chunks=2, or auto")
-    p.add_argument("--memory-limit", default=None, help="with --schedule auto: peak bytes per device (12GiB)")
+    p.add_argument("--memory-limit", default=None,
+                   help="with --schedule auto or --recompute auto: peak bytes per device (12GiB)")
+    p.add_argument("--recompute", default=d.recompute,
+                   help="none | full | auto: recompute stage forwards at the backward (auto: fewest that fit "
+                        "--memory-limit)")
     p.add_argument("--devices", "-d", type=int, default=d.devices, help="pipeline devices D")
     p.add_argument("--microbatches", "-n", type=int, default=d.microbatches, help="micro-batches N")
     p.add_argument("--data-parallel", type=int, default=d.data_parallel, help="pipeline replicas")
@@ -103,7 +107,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     from bitpipe_fx.passes.command import parse_kwargs
 
     spec = parse_spec(args.schedule)
-    if args.memory_limit is not None:
+    for_recompute = args.recompute == "auto" and spec.name != AUTO  # else the limit bounds schedule auto
+    if args.memory_limit is not None and not for_recompute:
         spec = schedule_spec(spec, {"memory_limit": args.memory_limit})
     return TrainConfig(
         model=args.model, model_args=tuple(sorted(parse_kwargs(args.arg).items())), task=args.task,
@@ -116,6 +121,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         save_every=args.save_every, record_step=args.record_step, compare_steps=args.compare_steps,
         local=args.local, cpu=args.cpu, threads=args.threads, timeout=args.timeout, on_nonfinite=args.on_nonfinite,
         shard_optimizer=args.shard_optimizer, precision=args.precision,
+        recompute=args.recompute, memory_limit=args.memory_limit if for_recompute else None,
     )
 
 
@@ -195,7 +201,9 @@ def run(cfg: TrainConfig, command: str = "train") -> int:
     if not torchrun:
         from bitpipe_fx.compiler import build_plan
 
-        plan, _ = build_plan(model, example, cfg.schedule, cfg.devices, cfg.microbatches, **dict(cfg.schedule_options))
+        limit = {} if cfg.memory_limit is None else {"memory_limit": cfg.memory_limit}  # recompute="auto"'s bound
+        plan, _ = build_plan(model, example, cfg.schedule, cfg.devices, cfg.microbatches, recompute=cfg.recompute,
+                             **limit, **dict(cfg.schedule_options))
         plan_path = str(Path(cfg.out) / "plan.json")
         plan.save(plan_path)
         say(plan.summary(), flush=True)

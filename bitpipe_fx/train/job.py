@@ -68,6 +68,8 @@ class TrainConfig:
     on_nonfinite: str = "raise"
     shard_optimizer: bool = False
     precision: str = "fp32"  # or "bf16-mixed" (runtime.precision)
+    recompute: str = "none"  # none | full | auto (bitpipe_fx.recompute)
+    memory_limit: str | None = None  # the bound of recompute="auto" (that of schedule auto is in schedule_options)
 
     @property
     def rows_per_microbatch(self) -> int:
@@ -102,6 +104,7 @@ def check(cfg: TrainConfig) -> None:
     """Refuse settings that cannot work, naming the value and the fix; pure Python, no torch."""
     from bitpipe_fx.schedules import generate
     from bitpipe_fx.schedules.spec import AUTO
+    from bitpipe_fx.sim.memory import RECOMPUTE_MODES
 
     for name, flag in (("devices", "--devices"), ("microbatches", "--microbatches"), ("steps", "--steps"),
                        ("data_parallel", "--data-parallel"), ("eval_batches", "--eval-batches"),
@@ -141,6 +144,11 @@ def check(cfg: TrainConfig) -> None:
     if cfg.local and cfg.data_parallel != 1:
         raise ConfigError("--local runs every device in one process and cannot do data parallelism; "
                           "drop --local or use --data-parallel 1")
+    if cfg.recompute not in RECOMPUTE_MODES:
+        raise ConfigError(f"--recompute must be one of {', '.join(RECOMPUTE_MODES)}, got {cfg.recompute!r}")
+    if cfg.recompute == "auto" and cfg.memory_limit is None and "memory_limit" not in dict(cfg.schedule_options):
+        raise ConfigError("--recompute auto needs --memory-limit (peak bytes per device, e.g. 12GiB); give it, or "
+                          "use --recompute full or none")
     if cfg.schedule != AUTO:  # auto is checked by its search, which refuses when no family runs
         generate(cfg.schedule, cfg.devices, cfg.microbatches, **dict(cfg.schedule_options))  # ScheduleError if not
     for name, flag in (("batch_size", "--batch-size"), ("seq_len", "--seq-len")):

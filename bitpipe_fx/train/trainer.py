@@ -162,8 +162,8 @@ def worker(cfg: TrainConfig, plan_path: str | None, start: int, history: History
     pipe = bp.compile(model, example, loss_fn, cfg.schedule, cfg.devices, cfg.microbatches,
                       optimizer=optimizer_factory(cfg), data_parallel=cfg.data_parallel, plan=plan_path,
                       timeout=cfg.timeout, seed=cfg.seed, on_nonfinite=cfg.on_nonfinite,
-                      shard_optimizer=cfg.shard_optimizer, precision=cfg.precision,
-                      **dict(cfg.schedule_options))
+                      shard_optimizer=cfg.shard_optimizer, precision=cfg.precision, recompute=cfg.recompute,
+                      memory_limit=cfg.memory_limit, **dict(cfg.schedule_options))
     del model
     pipe.train()
     if rank == 0 and plan_path is None:

@@ -49,12 +49,14 @@ def reference(model: nn.Module, data: list[Batch], n: int) -> nn.Module:
     return ref
 
 
-def pipeline(model: nn.Module, schedule: str, devices: int, data_parallel: int = 1) -> CompiledPipeline:
+def pipeline(model: nn.Module, schedule: str, devices: int, data_parallel: int = 1,
+             **options: object) -> CompiledPipeline:
     example = torch.zeros(ROWS, 4, dtype=torch.float64)
     captured = capture(model, (example,))
     program = generate(schedule, devices, N)
     cut = split(captured, partition(estimate_costs(captured), program.placement))
-    return CompiledPipeline(cut, program, sq, (example,), optimizer=sgd, data_parallel=data_parallel)
+    return CompiledPipeline(cut, program, sq, (example,), optimizer=sgd, data_parallel=data_parallel,
+                            **options)  # type: ignore[arg-type]
 
 
 def batchnorm_worker(schedules: list[str]) -> list[dict[str, object]]:

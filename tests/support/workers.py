@@ -21,8 +21,10 @@ from tests.support.cases import ModelCase, contract_errors, model_case
 from tests.support.toy import Toy, mse, toy_split
 
 
-def contract_worker(jobs: list[tuple[str, str, int, int, int]], timeout: float = 30.0) -> list[dict[str, object]]:
-    """On every rank: ``contract_errors`` for each (model, schedule, devices, microbatches, data_parallel)."""
+def contract_worker(jobs: list[tuple[str, str, int, int, int]], timeout: float = 30.0,
+                    recompute: bool = False) -> list[dict[str, object]]:
+    """On every rank: ``contract_errors`` for each (model, schedule, devices, microbatches, data_parallel); with
+    ``recompute`` every stage recomputes its forward."""
     torch.set_num_threads(1)
     cases: dict[tuple[str, int], ModelCase] = {}
     out = []
@@ -30,8 +32,9 @@ def contract_worker(jobs: list[tuple[str, str, int, int, int]], timeout: float =
         key = (model, devices if model == "toy" else 0)  # the toy's depth must divide into 2D stages
         if key not in cases:
             cases[key] = model_case(model, max_stages=2 * devices)
-        result = contract_errors(cases[key], generate(schedule, devices, microbatches), data_parallel=dp,
-                                 timeout=timeout)
+        program = generate(schedule, devices, microbatches)
+        result = contract_errors(cases[key], program, data_parallel=dp, timeout=timeout,
+                                 recompute=(True,) * program.stages if recompute else ())
         out.append(result | {"rank": dist.get_rank()})
     return out
 
