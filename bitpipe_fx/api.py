@@ -22,11 +22,10 @@ from torch import nn
 
 from bitpipe_fx import export
 from bitpipe_fx.arguments import check_compile, check_flag, check_optimizer, check_pipeline
-from bitpipe_fx.compiler import build_plan, split_from_plan
+from bitpipe_fx.compiler import agree_on_plan, build_plan, split_from_plan, state_names
 from bitpipe_fx.errors import ConfigError
 from bitpipe_fx.export import mode_values
 from bitpipe_fx.matching import check_cost_options, compile_settings
-from bitpipe_fx.passes.capture import tied_names
 from bitpipe_fx.passes.stages import Inputs, LossFn, SplitModel, Targets
 from bitpipe_fx.plan import DEFAULT_FLOP_RATE, Plan
 from bitpipe_fx.recompute import check_mode, with_recompute
@@ -53,13 +52,6 @@ from bitpipe_fx.sim.trace import TraceEvent
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 DEFAULT_TIMEOUT = 45.0
-
-
-def _state_names(model: nn.Module) -> tuple[list[str], dict[str, str]]:
-    """The model's state_dict keys in order, and key -> canonical FQN (first name of a tied tensor)."""
-    canonical, _ = tied_names(model)
-    keys = list(model.state_dict().keys())
-    return keys, {k: canonical.get(k, k) for k in keys}
 
 
 class CompiledPipeline:
@@ -389,21 +381,10 @@ def compile(
         if recompute is not None:
             plan = with_recompute(plan, check_mode(recompute), parse_bytes(memory_limit))
     if distributed:
-        plan, split = _agree_on_plan(plan, split, model, example_inputs, leaf_modules)
+        plan, split = agree_on_plan(plan, split, model, example_inputs, leaf_modules)
     return CompiledPipeline(
         split, plan.program, loss_fn, example_inputs, optimizer=optimizer, data_parallel=data_parallel, plan=plan,
-        timeout=timeout, trace_path=trace_path, state_names=_state_names(model), source=model, seed=seed,
+        timeout=timeout, trace_path=trace_path, state_names=state_names(model), source=model, seed=seed,
         on_nonfinite=on_nonfinite, shard_optimizer=shard_optimizer, precision=precision, recompute=plan.recompute,
     )
-
-
-def _agree_on_plan(plan: Plan, split: SplitModel, model: nn.Module, example_inputs: Inputs,
-                   leaf_modules: tuple[str | type[nn.Module], ...]) -> tuple[Plan, SplitModel]:
-    """Every rank uses rank 0's plan (a measured cost model could differ between ranks)."""
-    box = [plan.to_json() if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    if box[0] == plan.to_json():
-        return plan, split
-    agreed = Plan.from_json(box[0])
-    return agreed, split_from_plan(model, example_inputs, agreed, leaf_modules=leaf_modules)
 

@@ -10,13 +10,14 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import replace
 
+import torch.distributed as dist
 from torch import nn
 
 from bitpipe_fx.autotune import autotune
 from bitpipe_fx.errors import ConfigError
 from bitpipe_fx.matching import model_origin, origin_difference
 from bitpipe_fx.passes import capture, estimate_costs, split
-from bitpipe_fx.passes.capture import normalize_inputs
+from bitpipe_fx.passes.capture import normalize_inputs, tied_names
 from bitpipe_fx.passes.cost import CostTable
 from bitpipe_fx.passes.profile import measure_stages
 from bitpipe_fx.passes.stages import Inputs, SplitModel
@@ -124,3 +125,21 @@ def split_from_plan(model: nn.Module, example_inputs: Inputs, plan: Plan, *,
             "and micro-batch the plan was made for, or re-run `bitpipe-fx partition` for this one"
         )
     return split(captured, plan.cuts)
+
+
+def state_names(model: nn.Module) -> tuple[list[str], dict[str, str]]:
+    """The model's state_dict keys in order, and key -> canonical FQN (first name of a tied tensor)."""
+    canonical, _ = tied_names(model)
+    keys = list(model.state_dict().keys())
+    return keys, {k: canonical.get(k, k) for k in keys}
+
+
+def agree_on_plan(plan: Plan, split: SplitModel, model: nn.Module, example_inputs: Inputs,
+                  leaf_modules: tuple[str | type[nn.Module], ...]) -> tuple[Plan, SplitModel]:
+    """Every rank uses rank 0's plan (a measured cost model could differ between ranks); collective."""
+    box = [plan.to_json() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] == plan.to_json():
+        return plan, split
+    agreed = Plan.from_json(box[0])
+    return agreed, split_from_plan(model, example_inputs, agreed, leaf_modules=leaf_modules)

@@ -128,7 +128,7 @@ def test_the_models_own_error_during_capture_is_a_trace_error_naming_the_module_
 def test_a_loss_cut_from_the_graph_is_refused_not_trained_with_zero_gradients():
     model, example = tiny()
     pipe = bp.compile(model, example, lambda y, t: lm_loss(y, t).detach(), "1f1b", 2, 2, optimizer=sgd)
-    with pytest.raises(ConfigError, match=r"^the loss of micro-batch 0 does not require grad: loss_fn \(or the "
+    with pytest.raises(ConfigError, match=r"^stage 1's loss does not require grad: loss_fn \(or the "
                                           r"model's forward\) cut it from the autograd graph \(\.detach\(\)"):
         pipe.step(*lm_batch(64, 4, 8))
 
