@@ -13,7 +13,6 @@ from typing import Any
 
 from bitpipe_fx.errors import ConfigError
 from bitpipe_fx.optim.registry import OPTIMIZERS
-from bitpipe_fx.runtime.precision import PRECISIONS
 
 MODELS = {"gpt": "bitpipe_fx.examples.models:gpt", "bert": "bitpipe_fx.examples.models:bert"}
 # sizes of the built-in models for real (byte-level) training; --arg KEY=VALUE overrides them
@@ -133,6 +132,8 @@ def check(cfg: TrainConfig) -> None:
         raise ConfigError("--resume continues the run in --out and --overwrite replaces it; pass one of them")
     if not (cfg.timeout > 0 and math.isfinite(cfg.timeout)):
         raise ConfigError(f"--timeout must be a finite number of seconds > 0, got {cfg.timeout}")
+    from bitpipe_fx.runtime.precision import PRECISIONS  # here: reading the command line imports no torch
+
     if cfg.precision not in PRECISIONS:
         raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
     if cfg.precision == "bf16-mixed" and cfg.dtype != "float32":
