@@ -100,7 +100,7 @@ class CompiledPipeline:
         specs = trace_boundaries(split, split.flatten_inputs(args, kwargs))
         self._splitter = BatchSplitter(split.input_names, split.flatten_inputs, specs.model_inputs,
                                        program.microbatches, split.index_ranges)
-        self.distributed = join_from_env(DEFAULT_TIMEOUT * 2)
+        self.distributed = join_from_env(timeout)
         self.executor: LocalExecutor | DistributedExecutor
         if self.distributed:
             self.executor = DistributedExecutor(program, split, loss_fn, specs, data_parallel, timeout, lookahead,
@@ -326,7 +326,7 @@ def compile(
     if isinstance(plan, (str, os.PathLike)):
         plan = Plan.load(plan)
     spec, devices, microbatches = compile_settings(plan, schedule, devices, microbatches, schedule_options)
-    distributed = join_from_env(DEFAULT_TIMEOUT * 2)
+    distributed = join_from_env(timeout)  # a peer that never joins: an error within the timeout
     if plan is None:
         if distributed:  # before planning, so that a wrong world fails before the model is captured
             check_world(devices, data_parallel)
