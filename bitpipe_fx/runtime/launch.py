@@ -83,8 +83,15 @@ def launch(
     after the first failure the others get ``grace`` seconds (default timeout + 10) before being killed;
     ``join_timeout`` bounds the whole run. Raises ``LaunchError`` on any failure.
     """
-    if nprocs < 1:
-        raise ConfigError(f"nprocs must be >= 1, got {nprocs}")
+    for name, value in (("nprocs", nprocs), ("threads", threads)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    for name, value in (("timeout", timeout), ("grace", grace), ("join_timeout", join_timeout)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
+                                  or value == float("inf")):
+            raise ConfigError(f"{name} must be a finite number of seconds > 0, got {value!r}")
+    if not callable(fn):
+        raise ConfigError(f"fn must be a module-level function to run on every rank, got {fn!r}")
     grace = timeout + 10.0 if grace is None else grace
     ctx = mp.get_context("spawn")
     store = dist.TCPStore("127.0.0.1", 0, None, True, timeout=timedelta(seconds=timeout), wait_for_workers=False)
