@@ -127,7 +127,7 @@ def test_step_evaluate_predict_batches_of_the_wrong_size(pipe, rows):
                  lambda: pipe.predict(tokens)):
         with pytest.raises(ConfigError) as info:
             call()
-        assert f"input 'tokens'" in str(info.value) and f"({rows}, 8)" in str(info.value)
+        assert "input 'tokens'" in str(info.value) and f"({rows}, 8)" in str(info.value)
 
 
 @FAST
@@ -139,7 +139,7 @@ def test_step_inputs_of_the_wrong_kind_and_record(pipe, value):
     with pytest.raises(ConfigError) as info:
         pipe.step(tokens, targets, record=value)
     assert str(info.value) == f"record must be True or False, got {value!r}"
-    with pytest.raises(ConfigError, match="^targets leaf 0 has shape \\(3, 8\\) but the inputs have 4 rows"):
+    with pytest.raises(ConfigError, match=r"^targets leaf 0 has shape \(3, 8\) but the inputs have 4 rows"):
         pipe.step(tokens, targets[:3])
 
 
