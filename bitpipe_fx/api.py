@@ -106,7 +106,7 @@ class CompiledPipeline:
         specs = trace_boundaries(split, split.flatten_inputs(args, kwargs), self.precision)
         self._splitter = BatchSplitter(split.input_names, split.flatten_inputs, specs.model_inputs,
                                        program.microbatches, split.index_ranges)
-        self.distributed = join_from_env(DEFAULT_TIMEOUT * 2)
+        self.distributed = join_from_env(timeout)
         self.executor: LocalExecutor | DistributedExecutor
         if self.distributed:
             self.executor = DistributedExecutor(program, split, loss_fn, specs, data_parallel, timeout, lookahead,
@@ -368,7 +368,7 @@ def compile(
         schedule_options = {**schedule_options, "memory_limit": memory_limit}  # the bound of schedule="auto"
     spec, devices, microbatches = compile_settings(plan, schedule, devices, microbatches, schedule_options)
     check_cost_options(plan, flop_rate, profile, network)
-    distributed = join_from_env(DEFAULT_TIMEOUT * 2)
+    distributed = join_from_env(timeout)  # a peer that never joins: an error within the timeout
     if plan is None:
         if distributed:  # before planning, so that a wrong world fails before the model is captured
             check_world(devices, data_parallel)

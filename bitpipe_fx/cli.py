@@ -2,7 +2,8 @@
 
 Each sub-command lives next to the layer it drives and exposes ``add_parser(subparsers, name, help)``,
 which registers its arguments and sets ``func``. Every error is one line on stderr (the traceback too with
-``--debug``): exit 2 for a usage or configuration error, 1 for a failure while running, 130 for Ctrl-C.
+``--debug``): exit 2 for a usage or configuration error, 1 for a failure while running, 130 for Ctrl-C, 143
+for SIGTERM (the launcher stops every rank first).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import traceback
 from typing import NoReturn
 
 from bitpipe_fx import __version__
-from bitpipe_fx.errors import BitPipeError, PipelineRuntimeError
+from bitpipe_fx.errors import BitPipeError, PipelineRuntimeError, Terminated
 
 # name -> (module that implements it, imported lazily so `simulate` never imports torch; its one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -27,7 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("bitpipe_fx.train.export_command", "write a run's trained weights: safetensors or a HF folder"),
     "sample": ("bitpipe_fx.train.sample", "generate text from a byte-level LM run's checkpoint"),
 }
-EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
+EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 1, 130, 143
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -87,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     where = f"bitpipe-fx {args.command}" + (f" [rank {rank}]" if rank != "0" else "")  # torchrun: whose line
     try:
         return int(args.func(args) or 0)
+    except Terminated:
+        print(f"{where}: terminated (SIGTERM); every rank was stopped, what was already saved is kept",
+              file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         gap = "\n" if sys.stderr.isatty() else ""  # past the ^C the terminal echoed
         print(f"{gap}{where}: interrupted (Ctrl-C); what was already saved is kept", file=sys.stderr)

@@ -34,6 +34,10 @@ class NonFiniteError(BitPipeError, ArithmeticError):
     """A step's loss or gradient was not finite (NaN or infinite); the update was not applied."""
 
 
+class Terminated(KeyboardInterrupt):
+    """The launcher got SIGTERM and stopped every rank (like Ctrl-C, not an error of the run)."""
+
+
 __all__ = [
     "BitPipeError",
     "ConfigError",
@@ -41,5 +45,6 @@ __all__ = [
     "PartitionError",
     "PipelineRuntimeError",
     "ScheduleError",
+    "Terminated",
     "TraceError",
 ]

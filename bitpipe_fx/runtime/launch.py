@@ -16,7 +16,9 @@ import contextlib
 import os
 import pickle
 import runpy
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -28,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from bitpipe_fx.errors import ConfigError, PipelineRuntimeError
+from bitpipe_fx.errors import ConfigError, PipelineRuntimeError, Terminated
 from bitpipe_fx.runtime.group import init_group
 
 
@@ -81,8 +83,15 @@ def launch(
     after the first failure the others get ``grace`` seconds (default timeout + 10) before being killed;
     ``join_timeout`` bounds the whole run. Raises ``LaunchError`` on any failure.
     """
-    if nprocs < 1:
-        raise ConfigError(f"nprocs must be >= 1, got {nprocs}")
+    for name, value in (("nprocs", nprocs), ("threads", threads)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    for name, value in (("timeout", timeout), ("grace", grace), ("join_timeout", join_timeout)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
+                                  or value == float("inf")):
+            raise ConfigError(f"{name} must be a finite number of seconds > 0, got {value!r}")
+    if not callable(fn):
+        raise ConfigError(f"fn must be a module-level function to run on every rank, got {fn!r}")
     grace = timeout + 10.0 if grace is None else grace
     ctx = mp.get_context("spawn")
     store = dist.TCPStore("127.0.0.1", 0, None, True, timeout=timedelta(seconds=timeout), wait_for_workers=False)
@@ -96,11 +105,45 @@ def launch(
         procs.append(p)
         readers[rank] = reader
     try:
-        return _watch(procs, readers, grace, join_timeout)
-    finally:
-        for p in procs:
-            _kill(p)
+        with _sigterm_raises():
+            return _watch(procs, readers, grace, join_timeout)
+    finally:  # also on Ctrl-C or SIGTERM: no rank outlives the launcher (within STOP_BOUND seconds)
+        _stop(procs)
         del store
+
+
+STOP_BOUND = 6.0  # seconds: every rank is asked to stop (SIGTERM), then killed (SIGKILL) after half of it
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM to the launcher raises Terminated (as SIGINT raises KeyboardInterrupt), so its ranks are stopped."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise Terminated(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop(procs: list[BaseProcess]) -> None:
+    """Terminate every live rank at once, then kill those still alive after STOP_BOUND / 2 seconds."""
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + STOP_BOUND / 2
+    for p in procs:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=STOP_BOUND / 2)
 
 
 def _watch(procs: list[BaseProcess], readers: dict[int, Connection], grace: float,
